@@ -1,0 +1,273 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use machinist_drivers::{Address, DriverSpec, Operation, State};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A Machine: the desired state of one instance (a cloud VM, an existing host, ...),
+/// reconciled through the driver named by `spec.driver`.
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "machinist.dev",
+    version = "v1alpha1",
+    kind = "Machine",
+    plural = "machines",
+    shortname = "mach",
+    category = "machinist",
+    namespaced,
+    status = "MachineStatus",
+    derive = "PartialEq",
+    printcolumn(
+        name = "Driver",
+        type_ = "string",
+        json_path = ".status.driver",
+        description = "The driver of spec.driver"
+    ),
+    printcolumn(
+        name = "Desired",
+        type_ = "string",
+        json_path = ".spec.powerState",
+        description = "The desired power state"
+    ),
+    printcolumn(
+        name = "State",
+        type_ = "string",
+        json_path = ".status.state",
+        description = "The state the driver last reported"
+    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Address", type_ = "string", json_path = ".status.addresses[0].address"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineSpec {
+    /// Exactly one driver block, named for its driver, holding that driver's config.
+    /// The driver kind cannot change after creation.
+    #[x_kube(
+        validation = Rule::new("(has(self.fake) ? 1 : 0) == 1").message("set exactly one driver block (one of: fake)"),
+        validation = Rule::new("has(self.fake) == has(oldSelf.fake)").message("the driver kind cannot change after creation")
+    )]
+    pub driver: DriverSpec,
+
+    /// The desired power state.
+    #[serde(default)]
+    pub power_state: PowerState,
+
+    /// How to stop: `Graceful` (driver Stop) or `Force` (driver Kill).
+    #[serde(default)]
+    pub stop_mode: StopMode,
+
+    /// A graceful stop that has not reached Stopped after this many seconds is
+    /// escalated to Kill (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub stop_timeout_seconds: Option<u32>,
+
+    /// Set a new value to ask for exactly one restart; the handled value is echoed in
+    /// `status.lastRestartRequest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub restart_request: Option<String>,
+
+    /// How to restart: `Soft` (driver Restart) or `Hard` (Kill, then Start).
+    #[serde(default)]
+    pub restart_mode: RestartMode,
+
+    /// How to reach the machine over SSH.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<SshSpec>,
+
+    /// A script run once over SSH after the instance is first reachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioning: Option<Provisioning>,
+
+    /// The Secret (in the Machine's namespace) holding the provider credentials; read on
+    /// every driver call, so rotating it needs no restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+
+    /// What deleting the Machine does to the instance: `Delete` (driver Remove) or
+    /// `Orphan` (leave it).
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// The default graceful-stop timeout, when `stopTimeoutSeconds` is not set.
+pub const DEFAULT_STOP_TIMEOUT_SECONDS: u32 = 300;
+
+impl MachineSpec {
+    pub fn stop_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.stop_timeout_seconds.unwrap_or(DEFAULT_STOP_TIMEOUT_SECONDS).into())
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PowerState {
+    #[default]
+    Running,
+    Stopped,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum StopMode {
+    #[default]
+    Graceful,
+    Force,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RestartMode {
+    #[default]
+    Soft,
+    Hard,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum DeletionPolicy {
+    #[default]
+    Delete,
+    Orphan,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SshSpec {
+    /// The login user (the driver's default when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The SSH port (the driver's default, usually 22, when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<u16>,
+    /// Bring your own key: a `kubernetes.io/ssh-auth` Secret in the Machine's namespace.
+    /// Without it, machinist generates an ed25519 key pair in a Secret the Machine owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_secret_ref: Option<SecretRef>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Provisioning {
+    /// The script, run once with `sh -s` over SSH; rerun only when it changes.
+    #[schemars(length(min = 1, max = 262144))]
+    pub script: String,
+}
+
+/// A Secret in the Machine's namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SecretRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// What machinist observed and did. Written only by the controller.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineStatus {
+    /// One word for humans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The driver of `spec.driver`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// The last state the driver reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<State>,
+    /// The driver's instance id, written the moment it is known.
+    #[serde(rename = "providerID", default, skip_serializing_if = "Option::is_none")]
+    pub provider_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<Address>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<SshStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The generation last reconciled successfully.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The last `spec.restartRequest` handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart_request: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_operation: Option<LastOperation>,
+    /// Consecutive failed attempts and when the next one is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failures: Option<Failures>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Phase {
+    Pending,
+    Creating,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Restarting,
+    Deleting,
+    Failed,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SshStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_secret_name: Option<String>,
+    /// Pinned at first contact and verified on every later connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key_fingerprint: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastOperation {
+    pub operation: Operation,
+    pub result: OperationResult,
+    #[serde(default)]
+    pub message: String,
+    pub time: Time,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum OperationResult {
+    Succeeded,
+    Failed,
+    InProgress,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Failures {
+    /// Consecutive failed attempts.
+    pub count: u32,
+    /// The reason of the last failure (e.g. `TransientError`, `RateLimited`).
+    pub reason: String,
+    /// When the next attempt is due; absent when none will be made until the spec changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry_time: Option<Time>,
+}
+
+impl Machine {
+    pub fn is_paused(&self) -> bool {
+        self.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(super::PAUSED_ANNOTATION))
+    }
+
+    pub fn generation(&self) -> i64 {
+        self.metadata.generation.unwrap_or(0)
+    }
+}
+
+/// Labels machinist sets on objects it creates for a Machine.
+pub fn machine_labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("machinist.dev/machine".to_string(), name.to_string())])
+}

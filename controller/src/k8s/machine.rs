@@ -1,0 +1,387 @@
+//! One reconcile of one Machine: finalizer first, then observe → decide → act → record.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{self, finalizer};
+use kube::{Api, Client, Resource, ResourceExt};
+use machinist_drivers::{CreateRequest, Credentials, Driver, DriverError, Drivers, MachineRef, Operation, State};
+use tracing::{debug, info, instrument, warn};
+
+use super::patch_status;
+use crate::api::{FINALIZER, Machine, MachineStatus};
+use crate::reconcile::{self, CleanupNext, Input, Note, Observed, Outcome, Planned, Settings, Step, whole_seconds};
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub drivers: Drivers,
+    pub recorder: Recorder,
+    pub settings: Settings,
+    /// The longest any single driver call may take before it counts as a transient failure.
+    pub driver_call_timeout: Duration,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Finalizer(#[source] Box<finalizer::Error<Error>>),
+    /// Deletion is waiting (for a retry of Remove, or for the Machine to change).
+    #[error("deletion waits: {reason}")]
+    DeletionWaits { reason: String, retry: Option<Duration> },
+    #[error("the object cannot be read as a Machine: {0}")]
+    InvalidObject(String),
+}
+
+impl Error {
+    /// A stable label for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubeError",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "FinalizerError",
+            },
+            Error::DeletionWaits { .. } => "DeletionWaits",
+            Error::InvalidObject(_) => "InvalidObject",
+        }
+    }
+
+    fn retry(&self) -> Option<Option<Duration>> {
+        match self {
+            Error::DeletionWaits { retry, .. } => Some(*retry),
+            Error::Finalizer(inner) => match inner.as_ref() {
+                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.retry(),
+                _ => None,
+            },
+            Error::InvalidObject(_) => Some(None),
+            Error::Kube(_) => None,
+        }
+    }
+
+    /// Whether this is an expected wait rather than a fault worth a warning in the log.
+    pub fn is_wait(&self) -> bool {
+        self.metric_label() == "DeletionWaits"
+    }
+}
+
+/// The controller's reconcile function.
+#[instrument(skip_all, fields(machine = %obj_name(&obj), namespace = obj_namespace(&obj)))]
+pub async fn reconcile(obj: Arc<DeserializeGuard<Machine>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let machine = match &obj.0 {
+        Ok(machine) => Arc::new(machine.clone()),
+        Err(invalid) => return Err(report_invalid_object(invalid, &ctx).await),
+    };
+    let ns = machine.namespace().unwrap_or_default();
+    let api: Api<Machine> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, machine, |event| async {
+        match event {
+            finalizer::Event::Apply(machine) => apply(&api, &machine, &ctx).await,
+            finalizer::Event::Cleanup(machine) => cleanup(&api, &machine, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Requeue after an error: the delay the decision asked for, or a short default.
+pub fn error_policy(_obj: Arc<DeserializeGuard<Machine>>, error: &Error, _ctx: Arc<Context>) -> Action {
+    match error.retry() {
+        Some(Some(delay)) => Action::requeue(delay),
+        Some(None) => Action::await_change(),
+        None => Action::requeue(Duration::from_secs(5)),
+    }
+}
+
+fn obj_name(obj: &DeserializeGuard<Machine>) -> String {
+    match &obj.0 {
+        Ok(m) => m.name_any(),
+        Err(e) => e.metadata.name.clone().unwrap_or_default(),
+    }
+}
+
+fn obj_namespace(obj: &DeserializeGuard<Machine>) -> String {
+    match &obj.0 {
+        Ok(m) => m.namespace().unwrap_or_default(),
+        Err(e) => e.metadata.namespace.clone().unwrap_or_default(),
+    }
+}
+
+/// A Machine that does not even parse cannot be reconciled; say so on the object and
+/// carry on with the others.
+async fn report_invalid_object(invalid: &kube::core::error_boundary::InvalidObject, ctx: &Context) -> Error {
+    let meta = &invalid.metadata;
+    warn!(error = %invalid.error, "skipping a Machine that cannot be parsed");
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("machinist.dev/v1alpha1".into()),
+        kind: Some("Machine".into()),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        ..Default::default()
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "InvalidObject".into(),
+        note: Some(truncate(&format!("cannot read this Machine: {}", invalid.error), 1024)),
+        action: "Validate".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+        warn!(error = %e, "publishing an Event failed");
+    }
+    Error::InvalidObject(invalid.error.clone())
+}
+
+fn now() -> Timestamp {
+    whole_seconds(Timestamp::now())
+}
+
+fn machine_ref(machine: &Machine) -> MachineRef {
+    MachineRef {
+        uid: machine.uid().unwrap_or_default(),
+        name: machine.name_any(),
+        namespace: machine.namespace().unwrap_or_default(),
+    }
+}
+
+async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<Action, Error> {
+    let (driver, observed) =
+        if machine.is_paused() { (None, Observed::NoInstance) } else { observe(machine, ctx).await? };
+    let offers_ssh = driver.as_ref().is_some_and(|d| d.offers_ssh());
+    let input = Input { machine, observed, offers_ssh, now: now(), jitter: rand::random(), settings: &ctx.settings };
+    let plan = reconcile::plan(&input);
+    publish(ctx, machine, &plan.notes).await;
+    let name = machine.name_any();
+    let written = machine.status.as_ref();
+    let (Some(planned), Some(driver)) = (plan.step.clone(), driver) else {
+        patch_status(api, &name, written, &plan.status).await?;
+        return Ok(requeue(plan.requeue));
+    };
+
+    // Show the step under way, except for Create: its first write is the providerID.
+    let mut shown = written.cloned();
+    if planned.step != Step::Create {
+        let begun = reconcile::begin(&plan, &planned, input.now);
+        patch_status(api, &name, written, &begun).await?;
+        shown = Some(begun);
+    }
+    let provider_id = plan.status.provider_id.clone().unwrap_or_default();
+    info!(step = ?planned.step, cause = ?planned.cause, provider_id, "calling the driver");
+    let outcome = perform(driver.as_ref(), &planned, &provider_id, ctx).await;
+    let after = Input { now: now(), ..input };
+    let recorded = reconcile::record(&after, &plan, &planned, outcome);
+    publish(ctx, machine, &recorded.notes).await;
+    patch_status(api, &name, shown.as_ref(), &recorded.status).await?;
+    Ok(requeue(recorded.requeue))
+}
+
+async fn cleanup(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<Action, Error> {
+    let needs_driver = !machine.is_paused() && machine.spec.deletion_policy == crate::api::DeletionPolicy::Delete;
+    let (driver, observed) = if needs_driver { observe(machine, ctx).await? } else { (None, Observed::NoInstance) };
+    let input =
+        Input { machine, observed, offers_ssh: false, now: now(), jitter: rand::random(), settings: &ctx.settings };
+    let plan = reconcile::plan_cleanup(&input);
+    publish(ctx, machine, &plan.notes).await;
+    let name = machine.name_any();
+    let written = machine.status.as_ref();
+    let (id, driver) = match (&plan.next, driver) {
+        (CleanupNext::Finalize, _) => return Ok(Action::await_change()),
+        (CleanupNext::Wait(retry), _) => {
+            patch_status(api, &name, written, &plan.status).await?;
+            return Err(waits(&plan.status, *retry));
+        }
+        (CleanupNext::Remove(id), Some(driver)) => (id.clone(), driver),
+        (CleanupNext::Remove(_), None) => unreachable!("Remove is planned only with a driver"),
+    };
+    patch_status(api, &name, written, &plan.status).await?;
+    info!(provider_id = id, "removing the instance");
+    let outcome = match call(ctx, driver.as_ref(), Operation::Remove, driver.remove(&id)).await {
+        Ok(()) => Outcome::Succeeded,
+        Err(error) => Outcome::Failed { operation: Operation::Remove, error },
+    };
+    let after = Input { now: now(), ..input };
+    let recorded = reconcile::record_cleanup(&after, &plan, &id, outcome);
+    publish(ctx, machine, &recorded.notes).await;
+    match recorded.next {
+        CleanupNext::Wait(retry) => {
+            patch_status(api, &name, Some(&plan.status), &recorded.status).await?;
+            Err(waits(&recorded.status, retry))
+        }
+        _ => Ok(Action::await_change()),
+    }
+}
+
+fn waits(status: &MachineStatus, retry: Option<Duration>) -> Error {
+    let reason = crate::api::get_condition(&status.conditions, crate::api::ConditionType::Deleting)
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    Error::DeletionWaits { reason, retry }
+}
+
+fn requeue(after: Option<Duration>) -> Action {
+    match after {
+        Some(d) => Action::requeue(d),
+        None => Action::await_change(),
+    }
+}
+
+/// Builds the driver and asks it about the instance: by `providerID` when known, else
+/// by the Machine's UID (adoption).
+async fn observe(machine: &Machine, ctx: &Context) -> Result<(Option<Arc<dyn Driver>>, Observed), Error> {
+    let credentials = match read_credentials(machine, ctx).await {
+        Ok(c) => c,
+        Err(error) => return Ok((None, Observed::Failed(error))),
+    };
+    let driver = match ctx.drivers.driver(&machine.spec.driver, machine_ref(machine), credentials) {
+        Ok(d) => d,
+        Err(error) => return Ok((None, Observed::InvalidSpec(error))),
+    };
+    let known = machine.status.as_ref().and_then(|s| s.provider_id.clone());
+    let found = match known {
+        Some(id) => {
+            call(ctx, driver.as_ref(), Operation::Status, driver.status(&id)).await.map(|state| Some((id, state)))
+        }
+        None => call(ctx, driver.as_ref(), Operation::Status, driver.find())
+            .await
+            .map(|found| found.map(|i| (i.id, i.state))),
+    };
+    let observed = match found {
+        Ok(None) => Observed::NoInstance,
+        Ok(Some((id, state))) => {
+            let addresses = if state == State::Running {
+                call(ctx, driver.as_ref(), Operation::Status, driver.addresses(&id)).await.ok()
+            } else {
+                None
+            };
+            Observed::Instance { id, state, addresses }
+        }
+        Err(error @ DriverError::InvalidConfig { .. }) => Observed::InvalidSpec(error),
+        Err(error) => Observed::Failed(error),
+    };
+    debug!(?observed, "observed");
+    Ok((Some(driver), observed))
+}
+
+/// Resolves `credentialsSecretRef` afresh for each reconcile, so rotation needs no restart.
+async fn read_credentials(machine: &Machine, ctx: &Context) -> Result<Credentials, DriverError> {
+    let Some(reference) = &machine.spec.credentials_secret_ref else {
+        return Ok(Credentials::default());
+    };
+    let ns = machine.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    match secrets.get_opt(&reference.name).await {
+        Ok(Some(secret)) => {
+            let data: BTreeMap<String, Vec<u8>> =
+                secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+            Ok(Credentials(data))
+        }
+        Ok(None) => Err(DriverError::NotFound {
+            message: format!(
+                "the credentials Secret {ns}/{} (spec.credentialsSecretRef) does not exist",
+                reference.name
+            ),
+        }),
+        Err(e) => Err(DriverError::transient(format!("reading the credentials Secret {ns}/{}: {e}", reference.name))),
+    }
+}
+
+/// A driver call bounded by the call timeout, measured.
+async fn call<T>(
+    ctx: &Context,
+    driver: &dyn Driver,
+    operation: Operation,
+    fut: impl Future<Output = Result<T, DriverError>>,
+) -> Result<T, DriverError> {
+    let started = std::time::Instant::now();
+    let result = match tokio::time::timeout(ctx.driver_call_timeout, fut).await {
+        Ok(result) => result,
+        Err(_) => Err(DriverError::transient(format!(
+            "the driver did not answer within {}s",
+            ctx.driver_call_timeout.as_secs()
+        ))),
+    };
+    let label = match &result {
+        Ok(_) => "Succeeded",
+        Err(e) => e.reason(),
+    };
+    ctx.metrics.observe_driver_call(driver.name(), operation.as_str(), label, started.elapsed());
+    result
+}
+
+async fn perform(driver: &dyn Driver, planned: &Planned, id: &str, ctx: &Context) -> Outcome {
+    let failed = |operation: Operation| move |error| Outcome::Failed { operation, error };
+    let done = |r: Result<(), DriverError>, op: Operation| r.map_or_else(failed(op), |()| Outcome::Succeeded);
+    match &planned.step {
+        Step::Create => {
+            let request = CreateRequest { ssh_public_key: None };
+            call(ctx, driver, Operation::Create, driver.create(&request))
+                .await
+                .map_or_else(failed(Operation::Create), Outcome::Created)
+        }
+        Step::Start => done(call(ctx, driver, Operation::Start, driver.start(id)).await, Operation::Start),
+        Step::Stop { escalate_after } => {
+            match tokio::time::timeout(*escalate_after, call(ctx, driver, Operation::Stop, driver.stop(id))).await {
+                Ok(result) => done(result, Operation::Stop),
+                Err(_) => match call(ctx, driver, Operation::Kill, driver.kill(id)).await {
+                    Ok(()) => Outcome::StopEscalated,
+                    Err(error) => Outcome::Failed { operation: Operation::Kill, error },
+                },
+            }
+        }
+        Step::Kill => done(call(ctx, driver, Operation::Kill, driver.kill(id)).await, Operation::Kill),
+        Step::Restart => done(call(ctx, driver, Operation::Restart, driver.restart(id)).await, Operation::Restart),
+        Step::HardRestart => match call(ctx, driver, Operation::Kill, driver.kill(id)).await {
+            Ok(()) => done(call(ctx, driver, Operation::Start, driver.start(id)).await, Operation::Start),
+            Err(error) => Outcome::Failed { operation: Operation::Kill, error },
+        },
+        Step::Remove => done(call(ctx, driver, Operation::Remove, driver.remove(id)).await, Operation::Remove),
+    }
+}
+
+async fn publish(ctx: &Context, machine: &Machine, notes: &[Note]) {
+    if notes.is_empty() {
+        return;
+    }
+    let reference = machine.object_ref(&());
+    for note in notes {
+        let event = Event {
+            type_: if note.warning { EventType::Warning } else { EventType::Normal },
+            reason: note.reason.into(),
+            // Events cap the note at 1 KiB.
+            note: Some(truncate(&note.message, 1024)),
+            action: note.action.into(),
+            secondary: None,
+        };
+        if note.warning {
+            warn!(reason = note.reason, message = %note.message, "event");
+        } else {
+            info!(reason = note.reason, message = %note.message, "event");
+        }
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            warn!(error = %e, reason = note.reason, "publishing an Event failed");
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max - 3;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}

@@ -1,0 +1,165 @@
+//! `machinist`: arguments, logging and wiring; the controller itself is the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use machinist::reconcile::Settings;
+use machinist::run::{RunConfig, run};
+
+#[derive(Parser)]
+#[command(
+    name = "machinist",
+    version,
+    about = "A Kubernetes controller for Machines (VMs and hosts) through Docker Machine style drivers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller.
+    Run(RunArgs),
+    /// Print the Machine CRD (YAML), e.g. `machinist crd | kubectl apply -f -`.
+    Crd,
+}
+
+#[derive(Parser)]
+struct RunArgs {
+    /// The kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then the in-cluster service account).
+    #[arg(long, env = "MACHINIST_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, env = "MACHINIST_CONTEXT")]
+    context: Option<String>,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "MACHINIST_NAMESPACE")]
+    namespace: Option<String>,
+    /// How many Machines are reconciled at once (0: no limit).
+    #[arg(long, env = "MACHINIST_CONCURRENCY", default_value_t = 64)]
+    concurrency: u16,
+    /// Log format.
+    #[arg(long, env = "MACHINIST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Where the fake driver keeps its instances.
+    #[arg(long, env = "MACHINIST_FAKE_STATE_DIR", default_value = "/var/lib/machinist/fake")]
+    fake_state_dir: PathBuf,
+    /// Where to serve /healthz, /readyz and /metrics.
+    #[arg(long, env = "MACHINIST_METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
+    metrics_address: SocketAddr,
+    /// Seconds between drift checks of a converged Machine.
+    #[arg(long, env = "MACHINIST_POLL_INTERVAL", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    poll_interval: u64,
+    /// Seconds the longest driver call may take before it counts as failed.
+    #[arg(long, env = "MACHINIST_DRIVER_TIMEOUT", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    driver_timeout: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let rendered = e.to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("machinist: {first} (see `machinist --help`)");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Crd => {
+            print!("{}", machinist::api::crd_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Run(args) => {
+            init_logging(args.log_format);
+            let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+            match runtime.block_on(run_controller(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("machinist: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run_controller(args: RunArgs) -> anyhow::Result<()> {
+    let client = client(&args).await?;
+    let config = RunConfig {
+        namespace: args.namespace,
+        concurrency: args.concurrency,
+        fake_state_dir: args.fake_state_dir,
+        settings: Settings { poll_interval: Duration::from_secs(args.poll_interval), ..Settings::default() },
+        driver_call_timeout: Duration::from_secs(args.driver_timeout),
+        metrics_address: Some(args.metrics_address),
+        instance: std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok()),
+        ..RunConfig::default()
+    };
+    run(client, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn client(args: &RunArgs) -> anyhow::Result<Client> {
+    let options = KubeConfigOptions { context: args.context.clone(), ..Default::default() };
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path).map_err(|e| {
+                anyhow::anyhow!("cannot read the kubeconfig {}: {e}; pass an existing file to --kubeconfig", path.display())
+            })?;
+            Config::from_custom_kubeconfig(kubeconfig, &options).await?
+        }
+        None if args.context.is_some() => Config::from_kubeconfig(&options).await?,
+        None => Config::infer().await.map_err(|_| {
+            anyhow::anyhow!(
+                "no Kubernetes configuration found: set KUBECONFIG or pass --kubeconfig (in a cluster, run with a service account)"
+            )
+        })?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Completes on SIGTERM or Ctrl-C; the controller then drains in-flight reconciles.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down: finishing in-flight reconciles");
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

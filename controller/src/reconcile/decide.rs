@@ -1,0 +1,454 @@
+//! The decision for a Machine that is not being deleted.
+
+use std::time::Duration;
+
+use machinist_drivers::{DriverError, Operation, State};
+
+use super::backoff::jittered;
+use super::summary::{
+    condition_is, condition_reason, conditions, duration_between, error_reason, held_back, last_operation,
+    record_failure, ssh_conditions, summarize_ready,
+};
+use super::{Cause, Input, Note, Observed, Outcome, Plan, Planned, Step};
+use crate::api::{
+    ConditionType, MachineStatus, OperationResult, Phase, PowerState, RestartMode, StopMode, get_condition,
+};
+
+/// Decides the next step for a live (not deleting) Machine.
+pub fn plan(input: &Input<'_>) -> Plan {
+    let machine = input.machine;
+    let before = machine.status.clone().unwrap_or_default();
+    let mut status = before.clone();
+    let mut notes = Vec::new();
+    let driver_name = machine.spec.driver.name().unwrap_or("unknown");
+    status.driver = machine.spec.driver.name().map(str::to_string);
+    let mut c = conditions(&mut status, machine, input.now);
+
+    if machine.is_paused() {
+        if condition_reason(c.status, ConditionType::Paused) != Some("Paused") {
+            notes.push(Note::normal("Paused", "Pause", "reconciliation paused by the machinist.dev/paused annotation"));
+        }
+        c.set(
+            ConditionType::Paused,
+            true,
+            "Paused",
+            "the machinist.dev/paused annotation is set: no driver calls until it is removed",
+        );
+        return Plan { status, step: None, requeue: None, notes };
+    }
+    if condition_reason(c.status, ConditionType::Paused) == Some("Paused") {
+        notes.push(Note::normal("Resumed", "Pause", "the machinist.dev/paused annotation was removed"));
+    }
+    c.set(ConditionType::Paused, false, "NotPaused", "");
+    c.set(ConditionType::Deleting, false, "NotDeleting", "");
+
+    // What the schema cannot check: provisioning needs SSH.
+    let observed = match (&input.observed, &machine.spec.provisioning) {
+        (Observed::InvalidSpec(_), _) | (_, None) => input.observed.clone(),
+        (_, Some(_)) if !input.offers_ssh => Observed::InvalidSpec(DriverError::invalid_config(
+            "spec.provisioning",
+            format!("the {driver_name} driver offers no SSH to run a provisioning script; remove spec.provisioning"),
+        )),
+        _ => input.observed.clone(),
+    };
+
+    match observed {
+        Observed::InvalidSpec(error) => {
+            let message = error.to_string();
+            if !condition_is(c.status, ConditionType::Ready, "InvalidSpec", &message) {
+                notes.push(Note::warning("InvalidSpec", "Validate", message.clone()));
+            }
+            c.set(ConditionType::Ready, false, "InvalidSpec", message);
+            status.phase = Some(Phase::Failed);
+            status.failures =
+                Some(crate::api::Failures { count: 1, reason: "InvalidSpec".to_string(), next_retry_time: None });
+            Plan { status, step: None, requeue: None, notes }
+        }
+        Observed::Failed(error) => {
+            let (delay, note) = record_failure(c.status, input, Operation::Status, &error);
+            let mut c = conditions(&mut status, machine, input.now);
+            c.unknown(
+                ConditionType::PowerStateSynced,
+                error_reason(&error),
+                format!("cannot read the instance's state: {error}"),
+            );
+            ssh_conditions(&mut c, machine, driver_name, input.offers_ssh);
+            summarize_ready(&mut c, machine);
+            notes.push(note);
+            Plan { status, step: None, requeue: delay.or(Some(input.settings.poll_interval)), notes }
+        }
+        Observed::NoInstance => {
+            c.set(ConditionType::InstanceCreated, false, "Creating", "creating the instance");
+            c.unknown(ConditionType::PowerStateSynced, "NoInstance", "the instance does not exist yet");
+            ssh_conditions(&mut c, machine, driver_name, input.offers_ssh);
+            summarize_ready(&mut c, machine);
+            match held_back(&before, machine, input.now) {
+                Some(wait) => {
+                    status.phase = Some(Phase::Pending);
+                    Plan { status, step: None, requeue: wait, notes }
+                }
+                None => {
+                    status.phase = Some(Phase::Creating);
+                    let step = Some(Planned { step: Step::Create, cause: Cause::Converge });
+                    Plan { status, step, requeue: None, notes }
+                }
+            }
+        }
+        Observed::Instance { id, state, addresses } => {
+            plan_instance(input, before, status, notes, driver_name, id, state, addresses)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan_instance(
+    input: &Input<'_>,
+    before: MachineStatus,
+    mut status: MachineStatus,
+    mut notes: Vec<Note>,
+    driver_name: &str,
+    id: String,
+    state: State,
+    addresses: Option<Vec<machinist_drivers::Address>>,
+) -> Plan {
+    let machine = input.machine;
+    let spec = &machine.spec;
+    let settings = input.settings;
+    if status.provider_id.is_none() {
+        notes.push(Note::normal(
+            "Adopted",
+            "Create",
+            format!("found instance {id} tagged with this Machine's UID; adopting it instead of creating another"),
+        ));
+    }
+    status.provider_id = Some(id.clone());
+    let previous_state = before.state;
+    status.state = Some(state);
+    if let Some(addresses) = addresses {
+        status.addresses = addresses;
+    }
+    let mut c = conditions(&mut status, machine, input.now);
+
+    if state == State::NotFound {
+        let message = format!(
+            "instance {id} no longer exists at the provider; machinist never creates a second instance for a Machine: delete this Machine"
+        );
+        if !condition_is(c.status, ConditionType::InstanceCreated, "InstanceNotFound", &message) {
+            notes.push(Note::warning("InstanceNotFound", "Observe", message.clone()));
+        }
+        c.set(ConditionType::InstanceCreated, false, "InstanceNotFound", message.clone());
+        c.set(ConditionType::PowerStateSynced, false, "InstanceNotFound", message);
+        ssh_conditions(&mut c, machine, driver_name, input.offers_ssh);
+        summarize_ready(&mut c, machine);
+        status.phase = Some(Phase::Failed);
+        status.addresses.clear();
+        return Plan { status, step: None, requeue: Some(jittered(settings.poll_interval, input.jitter)), notes };
+    }
+    c.set(ConditionType::InstanceCreated, true, "Created", format!("instance {id} exists"));
+    ssh_conditions(&mut c, machine, driver_name, input.offers_ssh);
+
+    let restart = spec.restart_request.as_ref().filter(|r| before.last_restart_request.as_ref() != Some(*r)).cloned();
+    let last_op = before.last_operation.as_ref();
+    let restarting = before.phase == Some(Phase::Restarting);
+    let progress = Some(settings.progress_interval);
+
+    // (step, phase, PowerStateSynced reason and message when not in sync)
+    let mut step: Option<Planned> = None;
+    let mut requeue = progress;
+    let phase;
+    match (spec.power_state, state) {
+        (PowerState::Running, State::Running) => {
+            if let Some(request) = restart {
+                let s = match spec.restart_mode {
+                    RestartMode::Soft => Step::Restart,
+                    RestartMode::Hard => Step::HardRestart,
+                };
+                step = Some(Planned { step: s, cause: Cause::RestartRequest(request) });
+                phase = Phase::Restarting;
+                c.set(ConditionType::PowerStateSynced, false, "Restarting", "restarting as spec.restartRequest asks");
+            } else {
+                phase = Phase::Running;
+                c.set(ConditionType::PowerStateSynced, true, "Running", "running as desired");
+                requeue = Some(jittered(settings.poll_interval, input.jitter));
+            }
+        }
+        (PowerState::Running, State::Stopped | State::Paused | State::Saved) => {
+            let drift = previous_state == Some(State::Running)
+                && !restarting
+                && last_op.is_none_or(|op| op.result == OperationResult::Succeeded);
+            let cause = match restart {
+                // A restart of a stopped machine is a start.
+                Some(request) => Cause::RestartRequest(request),
+                None if drift => Cause::Drift,
+                None => Cause::Converge,
+            };
+            let message = match cause {
+                Cause::Drift => {
+                    format!("the instance was found {state} out of band while spec.powerState is Running; starting it")
+                }
+                _ => format!("the instance is {state}; starting it"),
+            };
+            if cause == Cause::Drift {
+                notes.push(Note::warning("StoppedOutOfBand", "Start", message.clone()));
+            }
+            c.set(ConditionType::PowerStateSynced, false, "Starting", message);
+            step = Some(Planned { step: Step::Start, cause });
+            phase = Phase::Starting;
+        }
+        (PowerState::Running, State::Starting) => {
+            phase = if restarting { Phase::Restarting } else { Phase::Starting };
+            c.set(ConditionType::PowerStateSynced, false, "Starting", "waiting for the instance to finish starting");
+        }
+        (PowerState::Running, State::Stopping) => {
+            phase = Phase::Stopping;
+            c.set(
+                ConditionType::PowerStateSynced,
+                false,
+                "Stopping",
+                "waiting for the instance to finish stopping before starting it again",
+            );
+        }
+        (PowerState::Stopped, State::Stopped) => {
+            phase = Phase::Stopped;
+            c.set(ConditionType::PowerStateSynced, true, "Stopped", "stopped as desired");
+            requeue = Some(jittered(settings.poll_interval, input.jitter));
+            if let Some(request) = restart {
+                skip_restart(&mut status, &mut notes, request);
+            }
+        }
+        (PowerState::Stopped, State::Running | State::Paused | State::Saved) => {
+            if let Some(request) = restart {
+                skip_restart(&mut status, &mut notes, request);
+            }
+            let mut c = super::summary::conditions(&mut status, machine, input.now);
+            let s = match spec.stop_mode {
+                StopMode::Graceful => Step::Stop { escalate_after: spec.stop_timeout() },
+                StopMode::Force => Step::Kill,
+            };
+            c.set(ConditionType::PowerStateSynced, false, "Stopping", format!("the instance is {state}; stopping it"));
+            step = Some(Planned { step: s, cause: Cause::Converge });
+            phase = Phase::Stopping;
+        }
+        (PowerState::Stopped, State::Stopping) => {
+            phase = Phase::Stopping;
+            let graceful = last_op.filter(|op| op.operation == Operation::Stop && op.result != OperationResult::Failed);
+            match graceful {
+                Some(op) => {
+                    let waited = duration_between(op.time.0, input.now);
+                    let timeout = spec.stop_timeout();
+                    if waited >= timeout {
+                        notes.push(Note::warning(
+                            "StopTimedOut",
+                            "Kill",
+                            format!(
+                                "the graceful stop did not finish within {}s; killing the instance",
+                                timeout.as_secs()
+                            ),
+                        ));
+                        c.set(
+                            ConditionType::PowerStateSynced,
+                            false,
+                            "Stopping",
+                            "the graceful stop timed out; killing the instance",
+                        );
+                        step = Some(Planned { step: Step::Kill, cause: Cause::StopTimeout });
+                    } else {
+                        c.set(
+                            ConditionType::PowerStateSynced,
+                            false,
+                            "Stopping",
+                            format!("waiting for the graceful stop (killed after {}s)", timeout.as_secs()),
+                        );
+                        requeue =
+                            Some((timeout - waited).min(settings.progress_interval).max(Duration::from_millis(200)));
+                    }
+                }
+                None => c.set(
+                    ConditionType::PowerStateSynced,
+                    false,
+                    "Stopping",
+                    "waiting for the instance to finish stopping",
+                ),
+            }
+        }
+        (PowerState::Stopped, State::Starting) => {
+            phase = Phase::Starting;
+            c.set(
+                ConditionType::PowerStateSynced,
+                false,
+                "Starting",
+                "waiting for the instance to finish starting before stopping it",
+            );
+        }
+        (_, State::Error) => {
+            phase = Phase::Failed;
+            let message = "the provider reports the instance in state Error; look at it in the provider's console";
+            if !condition_is(c.status, ConditionType::PowerStateSynced, "InstanceError", message) {
+                notes.push(Note::warning("InstanceError", "Observe", message));
+            }
+            c.set(ConditionType::PowerStateSynced, false, "InstanceError", message);
+            requeue = Some(jittered(settings.poll_interval, input.jitter).min(Duration::from_secs(30)));
+        }
+        (_, State::None | State::Timeout | State::NotFound) => {
+            phase = before.phase.unwrap_or(Phase::Pending);
+            c.unknown(ConditionType::PowerStateSynced, "StateUnknown", format!("the driver reports state {state}"));
+        }
+    }
+
+    // A recent failure holds the step back until its retry is due.
+    if step.is_some() {
+        if let Some(wait) = held_back(&before, machine, input.now) {
+            step = None;
+            requeue = wait;
+        }
+    }
+    let mut c = conditions(&mut status, machine, input.now);
+    if step.is_none()
+        && get_condition(&c.status.conditions, ConditionType::PowerStateSynced).is_some_and(|p| p.status == "True")
+    {
+        // Converged: the last failure, if any, is history.
+        c.status.failures = None;
+        c.status.observed_generation = Some(machine.generation());
+    }
+    summarize_ready(&mut c, machine);
+    if get_condition(&status.conditions, ConditionType::Ready).is_some_and(|r| r.status == "True")
+        && get_condition(&before.conditions, ConditionType::Ready).is_none_or(|r| r.status != "True")
+    {
+        notes.push(Note::normal("Ready", "Reconcile", "the instance is running and ready"));
+    }
+    status.phase = Some(phase);
+    Plan { status, step, requeue, notes }
+}
+
+fn skip_restart(status: &mut MachineStatus, notes: &mut Vec<Note>, request: String) {
+    notes.push(Note::normal(
+        "RestartSkipped",
+        "Restart",
+        format!("restart request {request:?} needs no restart: spec.powerState is Stopped"),
+    ));
+    status.last_restart_request = Some(request);
+}
+
+/// Folds the outcome of `planned` into the status decided by [`plan`].
+pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcome) -> Plan {
+    let machine = input.machine;
+    let mut status = plan.status.clone();
+    let mut notes = Vec::new();
+    let now = input.now;
+    let progress = Some(input.settings.progress_interval);
+    match outcome {
+        Outcome::Created(id) => {
+            status.provider_id = Some(id.clone());
+            status.failures = None;
+            status.phase = Some(Phase::Creating);
+            last_operation(
+                &mut status,
+                planned.step.operation(),
+                OperationResult::Succeeded,
+                format!("created instance {id}"),
+                now,
+            );
+            let mut c = conditions(&mut status, machine, now);
+            c.set(ConditionType::InstanceCreated, true, "Created", format!("instance {id} exists"));
+            summarize_ready(&mut c, machine);
+            notes.push(Note::normal("Created", "Create", format!("created instance {id}")));
+            // The status write wakes the next reconcile; this is the fallback.
+            Plan { status, step: None, requeue: progress, notes }
+        }
+        Outcome::Succeeded | Outcome::StopEscalated => {
+            status.failures = None;
+            let (phase, reason, message) = match (&planned.step, &outcome) {
+                (_, Outcome::StopEscalated) => (
+                    Phase::Stopping,
+                    "StopTimedOut",
+                    format!(
+                        "the graceful stop did not finish within {}s; killed the instance",
+                        machine.spec.stop_timeout().as_secs()
+                    ),
+                ),
+                (Step::Start, _) if planned.cause == Cause::Drift => {
+                    (Phase::Starting, "Started", "started the instance after it was stopped out of band".to_string())
+                }
+                (Step::Start, _) => (Phase::Starting, "Started", "started the instance".to_string()),
+                (Step::Stop { .. }, _) => {
+                    (Phase::Stopping, "Stopped", "asked the instance to stop gracefully".to_string())
+                }
+                (Step::Kill, _) if planned.cause == Cause::StopTimeout => (
+                    Phase::Stopping,
+                    "StopTimedOut",
+                    format!(
+                        "the graceful stop did not finish within {}s; killed the instance",
+                        machine.spec.stop_timeout().as_secs()
+                    ),
+                ),
+                (Step::Kill, _) => (Phase::Stopping, "Killed", "killed the instance (stopMode: Force)".to_string()),
+                (Step::Restart, _) => {
+                    (Phase::Restarting, "Restarted", "restarted the instance (restartMode: Soft)".to_string())
+                }
+                (Step::HardRestart, _) => (
+                    Phase::Restarting,
+                    "Restarted",
+                    "restarted the instance: killed it, then started it (restartMode: Hard)".to_string(),
+                ),
+                (Step::Create | Step::Remove, _) => (Phase::Creating, "Succeeded", String::new()),
+            };
+            let operation = match outcome {
+                Outcome::StopEscalated => Operation::Kill,
+                _ => planned.step.operation(),
+            };
+            last_operation(&mut status, operation, OperationResult::Succeeded, message.clone(), now);
+            if let Cause::RestartRequest(request) = &planned.cause {
+                status.last_restart_request = Some(request.clone());
+            }
+            status.phase = Some(phase);
+            let warning = reason == "StopTimedOut";
+            notes.push(Note { warning, reason, action: operation.as_str(), message });
+            Plan { status, step: None, requeue: progress, notes }
+        }
+        Outcome::Failed { operation, error } => {
+            let (delay, note) = record_failure(&mut status, input, operation, &error);
+            notes.push(note);
+            // A hard restart whose Kill went through has been handled; bringing the
+            // instance back up is ordinary convergence. So is a restart the driver cannot do.
+            let handled = matches!(planned.step, Step::HardRestart) && operation == Operation::Start
+                || matches!(error, DriverError::NotSupported { .. });
+            if let (true, Cause::RestartRequest(request)) = (handled, &planned.cause) {
+                status.last_restart_request = Some(request.clone());
+            }
+            let reason = error_reason(&error);
+            let message = status.last_operation.as_ref().map(|o| o.message.clone()).unwrap_or_default();
+            let mut c = conditions(&mut status, machine, now);
+            match operation {
+                Operation::Create => c.set(ConditionType::InstanceCreated, false, reason, message.clone()),
+                _ => c.set(ConditionType::PowerStateSynced, false, reason, message.clone()),
+            }
+            c.set(ConditionType::Ready, false, reason, message);
+            if matches!(error, DriverError::InvalidConfig { .. }) {
+                status.phase = Some(Phase::Failed);
+            }
+            let requeue = match (&error, delay) {
+                // Not retried; still polled so the state shown stays true.
+                (DriverError::NotSupported { .. }, _) => Some(jittered(input.settings.poll_interval, input.jitter)),
+                (_, delay) => delay,
+            };
+            Plan { status, step: None, requeue, notes }
+        }
+    }
+}
+
+/// The status to show while `planned` runs: its phase and an InProgress `lastOperation`.
+pub fn begin(plan: &Plan, planned: &Planned, now: jiff::Timestamp) -> MachineStatus {
+    let mut status = plan.status.clone();
+    let message = match &planned.step {
+        Step::Create => "creating the instance",
+        Step::Start => "starting the instance",
+        Step::Stop { .. } => "stopping the instance gracefully",
+        Step::Kill if planned.cause == Cause::StopTimeout => "killing the instance: the graceful stop timed out",
+        Step::Kill => "killing the instance",
+        Step::Restart => "restarting the instance",
+        Step::HardRestart => "restarting the instance: kill, then start",
+        Step::Remove => "removing the instance",
+    };
+    last_operation(&mut status, planned.step.operation(), OperationResult::InProgress, message, now);
+    status
+}

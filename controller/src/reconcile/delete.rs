@@ -1,0 +1,124 @@
+//! The decision for a Machine being deleted.
+
+use super::summary::{condition_is, conditions, error_reason, held_back, last_operation, record_failure};
+use super::{CleanupNext, CleanupPlan, Input, Note, Observed, Outcome};
+use crate::api::{ConditionType, DeletionPolicy, OperationResult, Phase};
+use machinist_drivers::{Operation, State};
+
+pub fn plan_cleanup(input: &Input<'_>) -> CleanupPlan {
+    let machine = input.machine;
+    let before = machine.status.clone().unwrap_or_default();
+    let mut status = before.clone();
+    let mut notes = Vec::new();
+    status.phase = Some(Phase::Deleting);
+    let mut c = conditions(&mut status, machine, input.now);
+    c.set(ConditionType::Ready, false, "Deleting", "the Machine is being deleted");
+
+    if machine.is_paused() {
+        c.set(
+            ConditionType::Paused,
+            true,
+            "Paused",
+            "the machinist.dev/paused annotation is set: no driver calls until it is removed",
+        );
+        c.set(
+            ConditionType::Deleting,
+            true,
+            "Paused",
+            "deletion waits until the machinist.dev/paused annotation is removed",
+        );
+        return CleanupPlan { status, next: CleanupNext::Wait(None), notes };
+    }
+    c.set(ConditionType::Paused, false, "NotPaused", "");
+
+    if machine.spec.deletion_policy == DeletionPolicy::Orphan {
+        let what = match &before.provider_id {
+            Some(id) => format!("left instance {id} in place (deletionPolicy: Orphan)"),
+            None => "no instance to leave in place (deletionPolicy: Orphan)".to_string(),
+        };
+        c.set(ConditionType::Deleting, true, "Orphaning", what.clone());
+        notes.push(Note::normal("Orphaned", "Remove", what));
+        return CleanupPlan { status, next: CleanupNext::Finalize, notes };
+    }
+
+    let known = before.provider_id.clone();
+    let next = match (&input.observed, known) {
+        // Remove needs only the id: with a known one, try even if observing failed.
+        (Observed::Instance { state: State::NotFound, id, .. }, _) => {
+            notes.push(Note::normal("Removed", "Remove", format!("instance {id} is already gone")));
+            CleanupNext::Finalize
+        }
+        (Observed::Instance { id, .. }, _) => CleanupNext::Remove(id.clone()),
+        (Observed::Failed(_), Some(id)) => CleanupNext::Remove(id),
+        (Observed::NoInstance, _) => CleanupNext::Finalize,
+        (Observed::InvalidSpec(_), None) => CleanupNext::Finalize,
+        (Observed::InvalidSpec(error), Some(id)) => {
+            let message = format!(
+                "cannot remove instance {id}: {error}; fix spec.driver, or set deletionPolicy: Orphan to leave the instance"
+            );
+            if !condition_is(c.status, ConditionType::Deleting, "InvalidSpec", &message) {
+                notes.push(Note::warning("InvalidSpec", "Remove", message.clone()));
+            }
+            c.set(ConditionType::Deleting, true, "InvalidSpec", message);
+            return CleanupPlan { status, next: CleanupNext::Wait(None), notes };
+        }
+        (Observed::Failed(error), None) => {
+            let (delay, note) = record_failure(&mut status, input, Operation::Status, error);
+            notes.push(note);
+            let message = status.last_operation.as_ref().map(|o| o.message.clone()).unwrap_or_default();
+            conditions(&mut status, machine, input.now).set(
+                ConditionType::Deleting,
+                true,
+                error_reason(error),
+                message,
+            );
+            return CleanupPlan { status, next: CleanupNext::Wait(delay), notes };
+        }
+    };
+    let mut c = conditions(&mut status, machine, input.now);
+    match &next {
+        CleanupNext::Remove(id) => {
+            if let Some(wait) = held_back(&before, machine, input.now) {
+                return CleanupPlan { status, next: CleanupNext::Wait(wait), notes };
+            }
+            c.set(ConditionType::Deleting, true, "Removing", format!("removing instance {id}"));
+        }
+        _ => c.set(ConditionType::Deleting, true, "Removed", "nothing left to remove"),
+    }
+    CleanupPlan { status, next, notes }
+}
+
+/// Folds the outcome of Remove into the cleanup plan's status.
+pub fn record_cleanup(input: &Input<'_>, plan: &CleanupPlan, id: &str, outcome: Outcome) -> CleanupPlan {
+    let machine = input.machine;
+    let mut status = plan.status.clone();
+    let mut notes = Vec::new();
+    match outcome {
+        Outcome::Failed { error, .. } => {
+            let (delay, note) = record_failure(&mut status, input, Operation::Remove, &error);
+            notes.push(note);
+            let message = status.last_operation.as_ref().map(|o| o.message.clone()).unwrap_or_default();
+            let message = format!("{message}; the finalizer stays until instance {id} is removed");
+            conditions(&mut status, machine, input.now).set(
+                ConditionType::Deleting,
+                true,
+                error_reason(&error),
+                message,
+            );
+            let wait = delay.or(Some(input.settings.backoff_cap));
+            CleanupPlan { status, next: CleanupNext::Wait(wait), notes }
+        }
+        _ => {
+            status.failures = None;
+            last_operation(
+                &mut status,
+                Operation::Remove,
+                OperationResult::Succeeded,
+                format!("removed instance {id}"),
+                input.now,
+            );
+            notes.push(Note::normal("Removed", "Remove", format!("removed instance {id}")));
+            CleanupPlan { status, next: CleanupNext::Finalize, notes }
+        }
+    }
+}

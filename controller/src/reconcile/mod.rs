@@ -1,0 +1,163 @@
+//! Deciding, with no I/O: from a Machine and what its driver observed to the next step,
+//! the new status, when to look again, and the Events to publish.
+//!
+//! [`plan`] decides before acting; [`record`] folds an action's outcome back into the
+//! status. The Kubernetes layer (`crate::k8s`) observes, performs and writes.
+
+mod backoff;
+mod decide;
+mod delete;
+mod summary;
+
+pub use backoff::{Settings, backoff_delay};
+pub use decide::{begin, plan, record};
+pub use delete::{plan_cleanup, record_cleanup};
+pub use summary::whole_seconds;
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use machinist_drivers::{Address, DriverError, Operation, State};
+
+use crate::api::{Machine, MachineStatus};
+
+/// What the driver reported this reconcile.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Observed {
+    /// The driver config cannot work (or no driver could be built for it).
+    InvalidSpec(DriverError),
+    /// No `providerID` is known and the look-up by Machine UID found nothing.
+    NoInstance,
+    /// The instance, known by `providerID` or found by UID. `addresses` is `None` when
+    /// they were not looked up this time.
+    Instance { id: String, state: State, addresses: Option<Vec<Address>> },
+    /// Observing failed.
+    Failed(DriverError),
+}
+
+/// Everything [`plan`] decides from.
+#[derive(Clone, Debug)]
+pub struct Input<'a> {
+    pub machine: &'a Machine,
+    pub observed: Observed,
+    /// Whether the driver's instances are maintained over SSH.
+    pub offers_ssh: bool,
+    pub now: Timestamp,
+    /// A random number in [0, 1) for jitter; fixed in tests.
+    pub jitter: f64,
+    pub settings: &'a Settings,
+}
+
+/// A driver call to make.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    Create,
+    Start,
+    /// Graceful stop; if the call has not returned after `escalate_after`, Kill.
+    Stop {
+        escalate_after: Duration,
+    },
+    Kill,
+    /// Soft restart (driver Restart).
+    Restart,
+    /// Kill, then Start.
+    HardRestart,
+    Remove,
+}
+
+impl Step {
+    /// The operation `status.lastOperation` names for this step.
+    pub fn operation(&self) -> Operation {
+        match self {
+            Step::Create => Operation::Create,
+            Step::Start => Operation::Start,
+            Step::Stop { .. } => Operation::Stop,
+            Step::Kill => Operation::Kill,
+            Step::Restart | Step::HardRestart => Operation::Restart,
+            Step::Remove => Operation::Remove,
+        }
+    }
+}
+
+/// Why a step is taken; it shapes the recorded messages and Events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// Bringing the instance to the desired state.
+    Converge,
+    /// The instance was found stopped out of band while it should run.
+    Drift,
+    /// `spec.restartRequest` asked for it; the value to echo once handled.
+    RestartRequest(String),
+    /// A graceful stop did not finish in time.
+    StopTimeout,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Planned {
+    pub step: Step,
+    pub cause: Cause,
+}
+
+/// What a driver call came to.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Create answered with the instance id.
+    Created(String),
+    Succeeded,
+    /// A graceful stop did not return in time and the Kill that followed succeeded.
+    StopEscalated,
+    /// `operation` failed (for a hard restart: Kill, or Start after a successful Kill).
+    Failed {
+        operation: Operation,
+        error: DriverError,
+    },
+}
+
+/// An Event to publish about the Machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    pub warning: bool,
+    /// PascalCase, stable.
+    pub reason: &'static str,
+    /// What machinist was doing (the Event's `action`).
+    pub action: &'static str,
+    pub message: String,
+}
+
+impl Note {
+    pub fn normal(reason: &'static str, action: &'static str, message: impl Into<String>) -> Self {
+        Note { warning: false, reason, action, message: message.into() }
+    }
+
+    pub fn warning(reason: &'static str, action: &'static str, message: impl Into<String>) -> Self {
+        Note { warning: true, reason, action, message: message.into() }
+    }
+}
+
+/// The decision: the status to hold now, at most one step to take, when to look again
+/// (`None`: only when the Machine changes), and the Events to publish.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub status: MachineStatus,
+    pub step: Option<Planned>,
+    pub requeue: Option<Duration>,
+    pub notes: Vec<Note>,
+}
+
+/// For deletion: remove the instance, drop the finalizer, or wait.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CleanupPlan {
+    pub status: MachineStatus,
+    pub next: CleanupNext,
+    pub notes: Vec<Note>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum CleanupNext {
+    /// Call Remove on this instance id.
+    Remove(String),
+    /// Nothing left to do: remove the finalizer.
+    Finalize,
+    /// Keep the finalizer and look again after this long (`None`: when the Machine changes).
+    Wait(Option<Duration>),
+}

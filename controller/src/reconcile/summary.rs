@@ -1,0 +1,166 @@
+//! Shared pieces of the decision: conditions, failures and the Ready summary.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use machinist_drivers::{DriverError, Operation};
+
+use super::{Input, Note, backoff_delay};
+use crate::api::{
+    ConditionType, Failures, LastOperation, Machine, MachineStatus, OperationResult, PowerState, get_condition,
+    set_condition, set_condition_status,
+};
+
+/// Shorthand for setting one condition at the Machine's generation.
+pub(super) struct Conditions<'a> {
+    pub status: &'a mut MachineStatus,
+    pub generation: i64,
+    pub now: Timestamp,
+}
+
+impl Conditions<'_> {
+    pub fn set(&mut self, kind: ConditionType, ok: bool, reason: &str, message: impl Into<String>) {
+        set_condition(&mut self.status.conditions, kind, ok, reason, message, self.generation, self.now);
+    }
+
+    pub fn unknown(&mut self, kind: ConditionType, reason: &str, message: impl Into<String>) {
+        set_condition_status(&mut self.status.conditions, kind, "Unknown", reason, message, self.generation, self.now);
+    }
+}
+
+pub(super) fn conditions<'a>(status: &'a mut MachineStatus, machine: &Machine, now: Timestamp) -> Conditions<'a> {
+    Conditions { status, generation: machine.generation(), now }
+}
+
+/// Whether a condition currently says exactly this (used to publish an Event only on
+/// a transition, not on every reconcile).
+pub(super) fn condition_is(status: &MachineStatus, kind: ConditionType, reason: &str, message: &str) -> bool {
+    get_condition(&status.conditions, kind).is_some_and(|c| c.reason == reason && c.message == message)
+}
+
+pub(super) fn condition_reason(status: &MachineStatus, kind: ConditionType) -> Option<&str> {
+    get_condition(&status.conditions, kind).map(|c| c.reason.as_str())
+}
+
+/// Whether the last failure still holds back a new attempt, and for how long.
+/// `Some(None)`: no attempt until the spec changes; `Some(Some(d))`: wait `d`.
+pub(super) fn held_back(before: &MachineStatus, machine: &Machine, now: Timestamp) -> Option<Option<Duration>> {
+    let failures = before.failures.as_ref()?;
+    // A spec change since the failure earns an immediate attempt.
+    let same_generation = get_condition(&before.conditions, ConditionType::Ready)
+        .and_then(|c| c.observed_generation)
+        .is_some_and(|g| g == machine.generation());
+    if !same_generation {
+        return None;
+    }
+    match &failures.next_retry_time {
+        None => Some(None),
+        Some(at) if at.0 > now => Some(Some(duration_between(now, at.0))),
+        Some(_) => None,
+    }
+}
+
+pub(super) fn duration_between(from: Timestamp, to: Timestamp) -> Duration {
+    Duration::try_from(to.duration_since(from)).unwrap_or(Duration::ZERO)
+}
+
+/// Status times have whole-second precision, as the API server stores them; anything
+/// finer would make every comparison with the stored status differ.
+pub fn whole_seconds(t: Timestamp) -> Timestamp {
+    Timestamp::from_second(t.as_second()).unwrap_or(t)
+}
+
+pub(super) fn last_operation(
+    status: &mut MachineStatus,
+    operation: Operation,
+    result: OperationResult,
+    message: impl Into<String>,
+    now: Timestamp,
+) {
+    status.last_operation = Some(LastOperation { operation, result, message: message.into(), time: Time(now) });
+}
+
+/// Records a failed driver call: counts it, schedules the retry (none for errors that
+/// need a spec change), and words the Event. Returns the delay until the retry.
+pub(super) fn record_failure(
+    status: &mut MachineStatus,
+    input: &Input<'_>,
+    operation: Operation,
+    error: &DriverError,
+) -> (Option<Duration>, Note) {
+    let count = status.failures.as_ref().map_or(0, |f| f.count) + 1;
+    let delay = error.is_retryable().then(|| backoff_delay(input.settings, count, error.retry_after(), input.jitter));
+    let next_retry_time = delay.map(|d| Time(input.now + SignedDuration::try_from(d).unwrap_or(SignedDuration::ZERO)));
+    let reason = error_reason(error);
+    status.failures = Some(Failures { count, reason: reason.to_string(), next_retry_time });
+    let what = match delay {
+        Some(d) => format!("retrying in {}s (attempt {count})", d.as_secs()),
+        None => match error {
+            DriverError::NotSupported { .. } => "not retrying".to_string(),
+            _ => "not retrying until the spec changes".to_string(),
+        },
+    };
+    let message = format!("{operation} failed: {error}; {what}");
+    last_operation(status, operation, OperationResult::Failed, message.clone(), input.now);
+    (delay, Note::warning(reason, operation.as_str(), message))
+}
+
+/// The condition reason for a driver error: an invalid config is an invalid spec.
+pub(super) fn error_reason(error: &DriverError) -> &'static str {
+    match error {
+        DriverError::InvalidConfig { .. } => "InvalidSpec",
+        other => other.reason(),
+    }
+}
+
+/// SSHReady and Provisioned for this version: only drivers without SSH exist, so SSH is
+/// not applicable and provisioning (which needs SSH) is rejected as an invalid spec.
+pub(super) fn ssh_conditions(c: &mut Conditions<'_>, machine: &Machine, driver_name: &str, offers_ssh: bool) {
+    if offers_ssh {
+        c.unknown(ConditionType::SSHReady, "NotChecked", "machinist does not check SSH for this driver");
+    } else {
+        c.set(
+            ConditionType::SSHReady,
+            true,
+            "NotApplicable",
+            format!("the {driver_name} driver's instances are not maintained over SSH"),
+        );
+    }
+    if machine.spec.provisioning.is_none() {
+        c.set(ConditionType::Provisioned, true, "NotRequested", "spec.provisioning is not set");
+    }
+}
+
+/// Derives `Ready`: a standing failure first (until an attempt succeeds), else from the
+/// other conditions: running and usable, or the first reason it is not.
+pub(super) fn summarize_ready(c: &mut Conditions<'_>, machine: &Machine) {
+    if let Some(failures) = &c.status.failures {
+        let reason = failures.reason.clone();
+        let message = c.status.last_operation.as_ref().map(|o| o.message.clone()).unwrap_or_default();
+        c.set(ConditionType::Ready, false, &reason, message);
+        return;
+    }
+    let blocking = [
+        ConditionType::InstanceCreated,
+        ConditionType::PowerStateSynced,
+        ConditionType::SSHReady,
+        ConditionType::Provisioned,
+    ]
+    .into_iter()
+    .find_map(|kind| {
+        let cond = get_condition(&c.status.conditions, kind)?;
+        (cond.status != "True").then(|| (cond.reason.clone(), cond.message.clone()))
+    });
+    let missing = [ConditionType::InstanceCreated, ConditionType::PowerStateSynced]
+        .into_iter()
+        .any(|kind| get_condition(&c.status.conditions, kind).is_none());
+    match blocking {
+        Some((reason, message)) => c.set(ConditionType::Ready, false, &reason, message),
+        None if missing => c.set(ConditionType::Ready, false, "Pending", "waiting for the instance"),
+        None if machine.spec.power_state == PowerState::Stopped => {
+            c.set(ConditionType::Ready, false, "Stopped", "stopped as desired (spec.powerState: Stopped)")
+        }
+        None => c.set(ConditionType::Ready, true, "Ready", "the instance is running and ready"),
+    }
+}

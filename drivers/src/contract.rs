@@ -1,0 +1,207 @@
+//! The Docker Machine Driver Specification v1 as one Rust trait.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use async_trait::async_trait;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::DriverError;
+
+/// The state of an instance: Docker Machine's states plus `NotFound`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum State {
+    /// The driver could not tell (Docker Machine's `None`).
+    #[default]
+    None,
+    Running,
+    Paused,
+    Saved,
+    Stopped,
+    Stopping,
+    Starting,
+    Error,
+    Timeout,
+    /// The instance does not exist at the provider.
+    NotFound,
+}
+
+impl State {
+    pub const ALL: [State; 10] = [
+        State::None,
+        State::Running,
+        State::Paused,
+        State::Saved,
+        State::Stopped,
+        State::Stopping,
+        State::Starting,
+        State::Error,
+        State::Timeout,
+        State::NotFound,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::None => "None",
+            State::Running => "Running",
+            State::Paused => "Paused",
+            State::Saved => "Saved",
+            State::Stopped => "Stopped",
+            State::Stopping => "Stopping",
+            State::Starting => "Starting",
+            State::Error => "Error",
+            State::Timeout => "Timeout",
+            State::NotFound => "NotFound",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A driver operation. `Status` covers the read-only calls (GetState, the addressing
+/// calls and the look-up by Machine UID).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+pub enum Operation {
+    Create,
+    Remove,
+    Start,
+    Stop,
+    Kill,
+    Restart,
+    Status,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 7] = [
+        Operation::Create,
+        Operation::Remove,
+        Operation::Start,
+        Operation::Stop,
+        Operation::Kill,
+        Operation::Restart,
+        Operation::Status,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Create => "Create",
+            Operation::Remove => "Remove",
+            Operation::Start => "Start",
+            Operation::Stop => "Stop",
+            Operation::Kill => "Kill",
+            Operation::Restart => "Restart",
+            Operation::Status => "Status",
+        }
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which Machine a driver works for. Instances are tagged with `uid` so that a
+/// Machine's instance can be found again (adoption) whatever happened to the controller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MachineRef {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+}
+
+/// Provider credentials resolved by the controller from `credentialsSecretRef`, read
+/// afresh for every driver call so that rotation needs no restart. Never logged.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials(pub BTreeMap<String, Vec<u8>>);
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Keys only: the values are secrets.
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+/// What Create needs besides the driver's own config.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CreateRequest {
+    /// The OpenSSH public key to install on the instance, when the Machine has one.
+    pub ssh_public_key: Option<String>,
+}
+
+/// An instance found by [`Driver::find`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instance {
+    pub id: String,
+    pub state: State,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum AddressType {
+    ExternalIP,
+    InternalIP,
+    Hostname,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Address {
+    #[serde(rename = "type")]
+    pub kind: AddressType,
+    pub address: String,
+}
+
+/// Where an instance answers SSH (GetSSHHostname, GetSSHPort, GetSSHUsername).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SshEndpoint {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+}
+
+/// One driver, bound to one Machine and its config.
+///
+/// Every call returns a typed [`DriverError`] on failure, so the controller can tell a
+/// transient fault from a bad config or an unsupported operation. Calls that change the
+/// instance ensure the change (as the specification asks) or fail.
+#[async_trait]
+pub trait Driver: Send + Sync {
+    /// The driver's name, as the key of its block under `spec.driver`.
+    fn name(&self) -> &'static str;
+
+    /// Whether this driver's instances are maintained over SSH.
+    fn offers_ssh(&self) -> bool;
+
+    /// The instance tagged with this Machine's UID, if one exists (adoption).
+    async fn find(&self) -> Result<Option<Instance>, DriverError>;
+
+    /// Launches a new instance ready for provisioning and returns its id as soon as the
+    /// provider has assigned one. Callers look for an existing instance first.
+    async fn create(&self, request: &CreateRequest) -> Result<String, DriverError>;
+
+    /// Removes the instance and everything created for it. A missing instance is done.
+    async fn remove(&self, id: &str) -> Result<(), DriverError>;
+
+    async fn start(&self, id: &str) -> Result<(), DriverError>;
+
+    /// Graceful stop.
+    async fn stop(&self, id: &str) -> Result<(), DriverError>;
+
+    /// Forced stop.
+    async fn kill(&self, id: &str) -> Result<(), DriverError>;
+
+    async fn restart(&self, id: &str) -> Result<(), DriverError>;
+
+    /// GetState. A missing instance is `Ok(State::NotFound)`.
+    async fn status(&self, id: &str) -> Result<State, DriverError>;
+
+    /// GetIP and friends: the instance's addresses, best first.
+    async fn addresses(&self, id: &str) -> Result<Vec<Address>, DriverError>;
+
+    /// Where the instance answers SSH, for drivers that offer it.
+    async fn ssh_endpoint(&self, id: &str) -> Result<Option<SshEndpoint>, DriverError>;
+}

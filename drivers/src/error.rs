@@ -1,0 +1,60 @@
+use std::time::Duration;
+
+use crate::Operation;
+
+/// A driver failure, typed so the controller knows how to retry it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DriverError {
+    /// Worth retrying with backoff. `retry_after` asks for at least that long (for
+    /// example when the provider is out of capacity).
+    #[error("{message}")]
+    Transient { message: String, retry_after: Option<Duration> },
+    /// The provider throttled us; retry no sooner than `retry_after`.
+    #[error("rate limited: {message}")]
+    RateLimited { message: String, retry_after: Duration },
+    /// The Machine's config is wrong; retrying cannot help until the spec changes.
+    /// `field` is the path of the offending field, e.g. `spec.driver.fake.instanceType`.
+    #[error("{field}: {message}")]
+    InvalidConfig { field: String, message: String },
+    /// This driver cannot do that operation at all (e.g. Stop on an existing host).
+    #[error("{operation} is not supported by this driver: {message}")]
+    NotSupported { operation: Operation, message: String },
+    /// The instance (or something it needs) does not exist.
+    #[error("not found: {message}")]
+    NotFound { message: String },
+}
+
+impl DriverError {
+    pub fn transient(message: impl Into<String>) -> Self {
+        DriverError::Transient { message: message.into(), retry_after: None }
+    }
+
+    pub fn invalid_config(field: impl Into<String>, message: impl Into<String>) -> Self {
+        DriverError::InvalidConfig { field: field.into(), message: message.into() }
+    }
+
+    /// A stable PascalCase label: Event reason, condition reason and metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DriverError::Transient { .. } => "TransientError",
+            DriverError::RateLimited { .. } => "RateLimited",
+            DriverError::InvalidConfig { .. } => "InvalidConfig",
+            DriverError::NotSupported { .. } => "NotSupported",
+            DriverError::NotFound { .. } => "NotFound",
+        }
+    }
+
+    /// Whether retrying the same call later can succeed without a spec change.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, DriverError::Transient { .. } | DriverError::RateLimited { .. } | DriverError::NotFound { .. })
+    }
+
+    /// The least time to wait before retrying, when the provider said so.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            DriverError::Transient { retry_after, .. } => *retry_after,
+            DriverError::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! The machinist driver contract and its drivers.
+//!
+//! One async trait, [`Driver`], models the Docker Machine Driver Specification v1:
+//! Create, Remove, Start, Stop, Kill, Restart, Status (GetState), the addressing calls,
+//! and a look-up of an existing instance by the owning Machine's UID (for adoption).
+//!
+//! This crate has no Kubernetes client: the controller resolves Secrets and hands each
+//! driver plain values ([`MachineRef`], [`Credentials`]). Each driver's typed config
+//! lives with the driver and derives `JsonSchema`, so the controller's CRD embeds it.
+
+mod contract;
+mod error;
+pub mod fake;
+mod registry;
+
+pub use contract::{
+    Address, AddressType, CreateRequest, Credentials, Driver, Instance, MachineRef, Operation, SshEndpoint, State,
+};
+pub use error::DriverError;
+pub use registry::{DriverConfig, DriverSpec, Drivers};

@@ -1,0 +1,89 @@
+//! The `spec.driver` block and the wiring from it to a [`Driver`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::fake::{FakeConfig, FakeDriver, FakeStore};
+use crate::{Credentials, Driver, DriverError, MachineRef};
+
+/// `spec.driver`: exactly one block, named for its driver. The schema's CEL rules
+/// (added by the controller's API types) enforce "exactly one" and immutability.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DriverSpec {
+    /// Instances simulated in the controller's state directory (tests, demos, benchmarks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fake: Option<FakeConfig>,
+}
+
+/// The one driver block a spec names.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DriverConfig<'a> {
+    Fake(&'a FakeConfig),
+}
+
+impl DriverSpec {
+    /// The names of every driver block this build knows, as they appear in `spec.driver`.
+    pub const NAMES: [&'static str; 1] = ["fake"];
+
+    /// The single block that is set; InvalidConfig when none or several are.
+    pub fn config(&self) -> Result<DriverConfig<'_>, DriverError> {
+        let mut set = Vec::new();
+        if let Some(fake) = &self.fake {
+            set.push(DriverConfig::Fake(fake));
+        }
+        match set.as_slice() {
+            [one] => Ok(*one),
+            _ => Err(DriverError::invalid_config(
+                "spec.driver",
+                format!("set exactly one driver block (one of: {})", Self::NAMES.join(", ")),
+            )),
+        }
+    }
+
+    /// The name of the driver block, when exactly one is set.
+    pub fn name(&self) -> Option<&'static str> {
+        self.config().ok().map(|c| c.name())
+    }
+}
+
+impl DriverConfig<'_> {
+    pub fn name(&self) -> &'static str {
+        match self {
+            DriverConfig::Fake(_) => "fake",
+        }
+    }
+}
+
+/// Everything drivers share across Machines, wired once at start-up.
+#[derive(Clone, Debug)]
+pub struct Drivers {
+    fake: FakeStore,
+}
+
+impl Drivers {
+    /// `fake_state_dir` is where the fake driver keeps its instances.
+    pub fn new(fake_state_dir: impl Into<PathBuf>) -> Self {
+        Drivers { fake: FakeStore::new(fake_state_dir) }
+    }
+
+    pub fn fake_store(&self) -> &FakeStore {
+        &self.fake
+    }
+
+    /// The driver for one Machine. Fails with InvalidConfig (naming the field) before
+    /// any provider call when the config cannot work.
+    pub fn driver(
+        &self,
+        spec: &DriverSpec,
+        machine: MachineRef,
+        _credentials: Credentials,
+    ) -> Result<Arc<dyn Driver>, DriverError> {
+        match spec.config()? {
+            DriverConfig::Fake(config) => Ok(Arc::new(FakeDriver::new(self.fake.clone(), machine, config.clone())?)),
+        }
+    }
+}
