@@ -95,6 +95,7 @@ pub async fn run(
         settings: config.settings.clone(),
         driver_call_timeout: config.driver_call_timeout,
         metrics: metrics.clone(),
+        written: Default::default(),
     });
     let machines: Api<DeserializeGuard<Machine>> = match &config.namespace {
         Some(ns) => Api::namespaced(client, ns),

@@ -28,6 +28,8 @@ pub struct Context {
     /// The longest any single driver call may take before it counts as a transient failure.
     pub driver_call_timeout: Duration,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Statuses written but maybe not yet in the watch cache.
+    pub written: super::status::WrittenStatuses,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +81,7 @@ impl Error {
 #[instrument(skip_all, fields(machine = %obj_name(&obj), namespace = obj_namespace(&obj)))]
 pub async fn reconcile(obj: Arc<DeserializeGuard<Machine>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let machine = match &obj.0 {
-        Ok(machine) => Arc::new(machine.clone()),
+        Ok(machine) => Arc::new(ctx.written.latest(machine.clone())),
         Err(invalid) => return Err(report_invalid_object(invalid, &ctx).await),
     };
     let ns = machine.namespace().unwrap_or_default();
@@ -162,11 +164,12 @@ async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<A
     let offers_ssh = driver.as_ref().is_some_and(|d| d.offers_ssh());
     let input = Input { machine, observed, offers_ssh, now: now(), jitter: rand::random(), settings: &ctx.settings };
     let plan = reconcile::plan(&input);
-    publish(ctx, machine, &plan.notes).await;
-    let name = machine.name_any();
     let written = machine.status.as_ref();
+    // Status first, then the Events about it: a providerID (found by adoption or
+    // created) reaches the API before anything else is done.
     let (Some(planned), Some(driver)) = (plan.step.clone(), driver) else {
-        patch_status(api, &name, written, &plan.status).await?;
+        patch_status(api, &ctx.written, machine, written, &plan.status).await?;
+        publish(ctx, machine, &plan.notes).await;
         return Ok(requeue(plan.requeue));
     };
 
@@ -174,16 +177,17 @@ async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<A
     let mut shown = written.cloned();
     if planned.step != Step::Create {
         let begun = reconcile::begin(&plan, &planned, input.now);
-        patch_status(api, &name, written, &begun).await?;
+        patch_status(api, &ctx.written, machine, written, &begun).await?;
         shown = Some(begun);
     }
+    publish(ctx, machine, &plan.notes).await;
     let provider_id = plan.status.provider_id.clone().unwrap_or_default();
     info!(step = ?planned.step, cause = ?planned.cause, provider_id, "calling the driver");
     let outcome = perform(driver.as_ref(), &planned, &provider_id, ctx).await;
     let after = Input { now: now(), ..input };
     let recorded = reconcile::record(&after, &plan, &planned, outcome);
+    patch_status(api, &ctx.written, machine, shown.as_ref(), &recorded.status).await?;
     publish(ctx, machine, &recorded.notes).await;
-    patch_status(api, &name, shown.as_ref(), &recorded.status).await?;
     Ok(requeue(recorded.requeue))
 }
 
@@ -193,33 +197,55 @@ async fn cleanup(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result
     let input =
         Input { machine, observed, offers_ssh: false, now: now(), jitter: rand::random(), settings: &ctx.settings };
     let plan = reconcile::plan_cleanup(&input);
-    publish(ctx, machine, &plan.notes).await;
-    let name = machine.name_any();
     let written = machine.status.as_ref();
     let (id, driver) = match (&plan.next, driver) {
-        (CleanupNext::Finalize, _) => return Ok(Action::await_change()),
+        (CleanupNext::Finalize, _) => {
+            publish(ctx, machine, &plan.notes).await;
+            ctx.written.forget(machine);
+            return Ok(Action::await_change());
+        }
         (CleanupNext::Wait(retry), _) => {
-            patch_status(api, &name, written, &plan.status).await?;
+            patch_status(api, &ctx.written, machine, written, &plan.status).await?;
+            publish(ctx, machine, &plan.notes).await;
             return Err(waits(&plan.status, *retry));
         }
-        (CleanupNext::Remove(id), Some(driver)) => (id.clone(), driver),
-        (CleanupNext::Remove(_), None) => unreachable!("Remove is planned only with a driver"),
+        (CleanupNext::Remove(id), driver) => (id.clone(), driver),
     };
-    patch_status(api, &name, written, &plan.status).await?;
-    info!(provider_id = id, "removing the instance");
-    let outcome = match call(ctx, driver.as_ref(), Operation::Remove, driver.remove(&id)).await {
-        Ok(()) => Outcome::Succeeded,
-        Err(error) => Outcome::Failed { operation: Operation::Remove, error },
+    let mut shown = written;
+    let outcome = match driver {
+        Some(driver) => {
+            patch_status(api, &ctx.written, machine, written, &plan.status).await?;
+            publish(ctx, machine, &plan.notes).await;
+            shown = Some(&plan.status);
+            info!(provider_id = id, "removing the instance");
+            match call(ctx, driver.as_ref(), Operation::Remove, driver.remove(&id)).await {
+                Ok(()) => Outcome::Succeeded,
+                Err(error) => Outcome::Failed { operation: Operation::Remove, error },
+            }
+        }
+        // Observing failed before a driver could be built (e.g. the credentials Secret
+        // cannot be read): Remove cannot be called and fails for that reason.
+        None => {
+            let error = match &input.observed {
+                Observed::Failed(error) | Observed::InvalidSpec(error) => error.clone(),
+                _ => DriverError::transient("no driver could be built to remove the instance"),
+            };
+            Outcome::Failed { operation: Operation::Remove, error }
+        }
     };
     let after = Input { now: now(), ..input };
     let recorded = reconcile::record_cleanup(&after, &plan, &id, outcome);
-    publish(ctx, machine, &recorded.notes).await;
     match recorded.next {
         CleanupNext::Wait(retry) => {
-            patch_status(api, &name, Some(&plan.status), &recorded.status).await?;
+            patch_status(api, &ctx.written, machine, shown, &recorded.status).await?;
+            publish(ctx, machine, &recorded.notes).await;
             Err(waits(&recorded.status, retry))
         }
-        _ => Ok(Action::await_change()),
+        _ => {
+            publish(ctx, machine, &recorded.notes).await;
+            ctx.written.forget(machine);
+            Ok(Action::await_change())
+        }
     }
 }
 

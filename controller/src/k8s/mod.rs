@@ -7,4 +7,4 @@ mod status;
 
 pub use crd::{CrdError, wait_for_crd};
 pub use machine::{Context, Error, error_policy, reconcile};
-pub use status::patch_status;
+pub use status::{WrittenStatuses, patch_status};

@@ -1,0 +1,180 @@
+//! Lifecycle scenarios: create, power state, restarts, stop modes, drift, pause.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use kube::ResourceExt;
+use machinist::api::{ConditionType, OperationResult, Phase};
+use machinist_drivers::{Operation, State};
+use machinist_e2e::{Env, condition, ensure_eq};
+use serde_json::json;
+
+fn fake_machine(name: &str, fake: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: machinist.dev/v1alpha1\nkind: Machine\nmetadata:\n  name: {name}\nspec:\n  driver:\n    fake: {fake}\n{extra}"
+    )
+}
+
+#[tokio::test]
+async fn create_becomes_ready_and_converged_machine_is_left_alone() -> Result<()> {
+    let env = Env::new("create").await?;
+    let created = env.create(&fake_machine("web", "{latencyMillis: {default: 200}}", "")).await?;
+    let machine = env.wait_ready("web").await?;
+    let status = machine.status.clone().unwrap();
+    ensure_eq(status.phase, Some(Phase::Running), "phase")?;
+    ensure_eq(status.state, Some(State::Running), "state")?;
+    ensure_eq(status.driver.as_deref(), Some("fake"), "driver")?;
+    assert!(!status.addresses.is_empty(), "addresses are reported");
+    assert!(machine.finalizers().contains(&"machinist.dev/machine".to_string()));
+    let instances = env.instances(&created);
+    ensure_eq(instances.len(), 1, "instances")?;
+    ensure_eq(status.provider_id.as_deref(), Some(instances[0].id.as_str()), "providerID")?;
+    for kind in [ConditionType::InstanceCreated, ConditionType::PowerStateSynced] {
+        let c = condition(&machine, kind).unwrap();
+        ensure_eq(c.status.as_str(), "True", kind.as_str())?;
+        ensure_eq(c.observed_generation, Some(1), "observedGeneration")?;
+    }
+    env.wait_event("web", "Created").await?;
+
+    // Converged: several poll intervals pass with no write to the Machine and no Event.
+    let before = env.get("web").await?;
+    let events_before = env.events("web").await?.len();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = env.get("web").await?;
+    ensure_eq(after.resource_version(), before.resource_version(), "resourceVersion of a converged Machine")?;
+    ensure_eq(env.events("web").await?.len(), events_before, "Events about a converged Machine")?;
+    env.cleanup().await
+}
+
+/// How often the Machine's one instance saw an operation.
+fn calls(env: &Env, machine: &machinist::api::Machine, operation: Operation) -> u32 {
+    let instances = env.instances(machine);
+    assert_eq!(instances.len(), 1, "exactly one instance");
+    instances[0].calls(operation.as_str())
+}
+
+#[tokio::test]
+async fn power_state_stopped_and_back() -> Result<()> {
+    let env = Env::new("power").await?;
+    let machine = env.create(&fake_machine("m", "{}", "")).await?;
+    env.wait_ready("m").await?;
+    env.patch("m", json!({"spec": {"powerState": "Stopped"}})).await?;
+    let stopped = env.wait_condition("m", ConditionType::Ready, "False", Some("Stopped")).await?;
+    let status = stopped.status.clone().unwrap();
+    ensure_eq(status.state, Some(State::Stopped), "state")?;
+    ensure_eq(status.phase, Some(Phase::Stopped), "phase")?;
+    ensure_eq(condition(&stopped, ConditionType::PowerStateSynced).unwrap().status.as_str(), "True", "synced")?;
+    ensure_eq(status.observed_generation, Some(2), "observedGeneration")?;
+    ensure_eq(calls(&env, &machine, Operation::Stop), 1, "Stop calls")?;
+    ensure_eq(calls(&env, &machine, Operation::Kill), 0, "Kill calls")?;
+
+    env.patch("m", json!({"spec": {"powerState": "Running"}})).await?;
+    env.wait_for("m", "Ready again", Duration::from_secs(30), |m| {
+        m.status.as_ref().is_some_and(|s| s.observed_generation == Some(3))
+            && condition(m, ConditionType::Ready).is_some_and(|c| c.status == "True")
+    })
+    .await?;
+    ensure_eq(calls(&env, &machine, Operation::Start), 1, "Start calls")?;
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn restart_requests_soft_and_hard_each_once() -> Result<()> {
+    let env = Env::new("restart").await?;
+    let machine = env.create(&fake_machine("m", "{}", "")).await?;
+    env.wait_ready("m").await?;
+
+    env.patch("m", json!({"spec": {"restartRequest": "r1"}})).await?;
+    let m = env
+        .wait_for("m", "restarted (r1)", Duration::from_secs(30), |m| {
+            m.status.as_ref().is_some_and(|s| s.last_restart_request.as_deref() == Some("r1"))
+        })
+        .await?;
+    let op = m.status.unwrap().last_operation.unwrap();
+    ensure_eq((op.operation, op.result), (Operation::Restart, OperationResult::Succeeded), "lastOperation")?;
+    env.wait_ready("m").await?;
+    env.wait_event("m", "Restarted").await?;
+    // A few more polls: still exactly one restart for r1.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure_eq(calls(&env, &machine, Operation::Restart), 1, "Restart calls for r1")?;
+
+    env.patch("m", json!({"spec": {"restartMode": "Hard", "restartRequest": "r2"}})).await?;
+    env.wait_for("m", "restarted (r2)", Duration::from_secs(30), |m| {
+        m.status.as_ref().is_some_and(|s| s.last_restart_request.as_deref() == Some("r2"))
+    })
+    .await?;
+    env.wait_ready("m").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure_eq(calls(&env, &machine, Operation::Restart), 1, "Restart calls after the hard restart")?;
+    ensure_eq(calls(&env, &machine, Operation::Kill), 1, "Kill calls (hard restart)")?;
+    ensure_eq(calls(&env, &machine, Operation::Start), 1, "Start calls (hard restart)")?;
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn force_stop_kills() -> Result<()> {
+    let env = Env::new("force").await?;
+    let machine = env.create(&fake_machine("m", "{}", "  stopMode: Force\n")).await?;
+    env.wait_ready("m").await?;
+    env.patch("m", json!({"spec": {"powerState": "Stopped"}})).await?;
+    env.wait_condition("m", ConditionType::Ready, "False", Some("Stopped")).await?;
+    ensure_eq(calls(&env, &machine, Operation::Kill), 1, "Kill calls")?;
+    ensure_eq(calls(&env, &machine, Operation::Stop), 0, "Stop calls")?;
+    env.wait_event("m", "Killed").await?;
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn graceful_stop_that_times_out_is_escalated_to_kill() -> Result<()> {
+    let env = Env::new("escalate").await?;
+    let machine = env.create(&fake_machine("m", "{gracefulStop: Ignore}", "  stopTimeoutSeconds: 2\n")).await?;
+    env.wait_ready("m").await?;
+    env.patch("m", json!({"spec": {"powerState": "Stopped"}})).await?;
+    // The guest ignores the stop: Stopping, then Kill after the timeout.
+    env.wait_for("m", "Stopping", Duration::from_secs(30), |m| {
+        m.status.as_ref().is_some_and(|s| s.state == Some(State::Stopping))
+    })
+    .await?;
+    env.wait_condition("m", ConditionType::Ready, "False", Some("Stopped")).await?;
+    ensure_eq(calls(&env, &machine, Operation::Stop), 1, "Stop calls")?;
+    ensure_eq(calls(&env, &machine, Operation::Kill), 1, "Kill calls")?;
+    let event = env.wait_event("m", "StopTimedOut").await?;
+    ensure_eq(event.type_.as_deref(), Some("Warning"), "StopTimedOut event type")?;
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn machine_stopped_out_of_band_is_started_again() -> Result<()> {
+    let env = Env::new("drift").await?;
+    let machine = env.create(&fake_machine("m", "{}", "")).await?;
+    let ready = env.wait_ready("m").await?;
+    let id = ready.status.unwrap().provider_id.unwrap();
+    env.fake_store().set_state(&machine.uid().unwrap(), &id, State::Stopped)?;
+    let event = env.wait_event("m", "StoppedOutOfBand").await?;
+    assert!(event.note.unwrap_or_default().contains("out of band"));
+    env.wait_ready("m").await?;
+    ensure_eq(calls(&env, &machine, Operation::Start), 1, "Start calls")?;
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn paused_machine_is_left_alone_until_resumed() -> Result<()> {
+    let env = Env::new("paused").await?;
+    let machine = env.create(&fake_machine("m", "{}", "")).await?;
+    env.wait_ready("m").await?;
+    env.patch(
+        "m",
+        json!({"metadata": {"annotations": {"machinist.dev/paused": ""}}, "spec": {"powerState": "Stopped"}}),
+    )
+    .await?;
+    env.wait_condition("m", ConditionType::Paused, "True", Some("Paused")).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure_eq(calls(&env, &machine, Operation::Stop), 0, "Stop calls while paused")?;
+    ensure_eq(env.instances(&machine)[0].state_at(jiff::Timestamp::now()), State::Running, "state while paused")?;
+
+    env.patch("m", json!({"metadata": {"annotations": {"machinist.dev/paused": null}}})).await?;
+    env.wait_condition("m", ConditionType::Ready, "False", Some("Stopped")).await?;
+    ensure_eq(condition(&env.get("m").await?, ConditionType::Paused).unwrap().status.as_str(), "False", "Paused")?;
+    ensure_eq(calls(&env, &machine, Operation::Stop), 1, "Stop calls after resuming")?;
+    env.cleanup().await
+}
