@@ -106,9 +106,18 @@ pub async fn run(
         .graceful_shutdown_on(shutdown);
     let store = controller.store();
     tokio::spawn(async move {
-        if store.wait_until_ready().await.is_ok() {
-            ready.store(true, Ordering::Relaxed);
-            info!("Machine cache synced; ready");
+        // Poll again every second: kube-runtime 5.0's Store readiness wakes only its
+        // most recent waiter, and the controller's own runner waits on it too.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), store.wait_until_ready()).await {
+                Ok(Ok(())) => {
+                    ready.store(true, Ordering::Relaxed);
+                    info!("Machine cache synced; ready");
+                    return;
+                }
+                Ok(Err(_)) => return,
+                Err(_) => continue,
+            }
         }
     });
     info!(

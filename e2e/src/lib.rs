@@ -123,6 +123,8 @@ pub struct Env {
     pub backend: &'static Backend,
     pub namespace: String,
     pub machines: Api<Machine>,
+    /// Where this test's controller serves /healthz, /readyz and /metrics.
+    pub metrics_address: std::net::SocketAddr,
     state_dir: tempfile::TempDir,
     controller: Option<Controller>,
 }
@@ -143,7 +145,16 @@ impl Env {
         }))?;
         namespaces.create(&PostParams::default(), &ns).await.context("creating the test namespace")?;
         let machines = Api::namespaced(client.clone(), &namespace);
-        let mut env = Env { client, backend, namespace, machines, state_dir: tempfile::tempdir()?, controller: None };
+        let metrics_address = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let mut env = Env {
+            client,
+            backend,
+            namespace,
+            machines,
+            metrics_address,
+            state_dir: tempfile::tempdir()?,
+            controller: None,
+        };
         env.start_controller();
         Ok(env)
     }
@@ -159,6 +170,7 @@ impl Env {
             settings: test_settings(),
             driver_call_timeout: Duration::from_secs(30),
             instance: Some(format!("e2e-{}", self.namespace)),
+            metrics_address: Some(self.metrics_address),
             ..RunConfig::default()
         };
         let client = self.client.clone();
@@ -362,4 +374,16 @@ pub fn ensure_eq<T: PartialEq + Debug>(left: T, right: T, what: &str) -> Result<
         bail!("{what}: {left:?} != {right:?}");
     }
     Ok(())
+}
+
+/// A plain HTTP GET on loopback: (status code, body).
+pub async fn http_get(address: std::net::SocketAddr, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("an HTTP status line")?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
 }

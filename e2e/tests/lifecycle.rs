@@ -178,3 +178,31 @@ async fn paused_machine_is_left_alone_until_resumed() -> Result<()> {
     ensure_eq(calls(&env, &machine, Operation::Stop), 1, "Stop calls after resuming")?;
     env.cleanup().await
 }
+
+#[tokio::test]
+async fn health_readiness_and_metrics_are_served() -> Result<()> {
+    let env = Env::new("metrics").await?;
+    env.create(&fake_machine("m", "{}", "")).await?;
+    env.wait_ready("m").await?;
+    let (code, _) = machinist_e2e::http_get(env.metrics_address, "/healthz").await?;
+    ensure_eq(code, 200, "/healthz")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, _) = machinist_e2e::http_get(env.metrics_address, "/readyz").await?;
+        if code == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "/readyz never became ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, metrics) = machinist_e2e::http_get(env.metrics_address, "/metrics").await?;
+    ensure_eq(code, 200, "/metrics")?;
+    assert!(metrics.contains("machinist_reconciles_total"), "{metrics}");
+    assert!(
+        metrics.contains(
+            r#"machinist_driver_call_duration_seconds_count{driver="fake",operation="Create",result="Succeeded"} 1"#
+        ),
+        "{metrics}"
+    );
+    env.cleanup().await
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs every test: formatting, lints, the dependency
+# rules, unit and property tests, mocked-API tests, the test server's fidelity check
+# against recorded kube-apiserver traces, and the end-to-end suite (against the
+# in-process test server, or the cluster named by MACHINIST_E2E_KUBECONFIG).
+# CI runs exactly this (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "tools"
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install cargo-nextest --locked
+fi
+cargo nextest --version
+
+step "formatting"
+cargo fmt --all -- --check
+
+step "lints"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "one major version each of kube, k8s-openapi and schemars"
+duplicates=$(cargo tree --workspace --locked -d -e normal,build --depth 0 --prefix none \
+  | grep -E '^(kube|kube-[a-z]+|k8s-openapi|schemars) v' || true)
+if [ -n "$duplicates" ]; then
+  echo "more than one version of:"; echo "$duplicates"; exit 1
+fi
+echo ok
+
+step "tests"
+cargo nextest run --workspace --locked --no-fail-fast
