@@ -7,7 +7,10 @@
 //! - [`run`]: the controller loop, as `machinist run` starts it.
 
 pub mod api;
+#[cfg(test)]
+pub mod fixtures;
 pub mod k8s;
+pub mod leader;
 pub mod metrics;
 pub mod reconcile;
 pub mod run;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
+use machinist::leader::LeaderElectionConfig;
 use machinist::reconcile::Settings;
 use machinist::run::{RunConfig, run};
 
@@ -56,6 +57,18 @@ struct RunArgs {
     /// Seconds between drift checks of a converged Machine.
     #[arg(long, env = "MACHINIST_POLL_INTERVAL", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     poll_interval: u64,
+    /// Reconcile only while holding a leader-election Lease, so several replicas can run.
+    #[arg(long, env = "MACHINIST_LEADER_ELECT")]
+    leader_elect: bool,
+    /// The namespace of the leader-election Lease (default: $POD_NAMESPACE, else `default`).
+    #[arg(long, env = "MACHINIST_LEADER_ELECTION_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// The name of the leader-election Lease.
+    #[arg(long, env = "MACHINIST_LEADER_ELECTION_LEASE", default_value = "machinist")]
+    leader_election_lease: String,
+    /// Seconds a leader's Lease holds without renewal; a standby takes over after that.
+    #[arg(long, env = "MACHINIST_LEADER_ELECTION_LEASE_DURATION", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..))]
+    leader_election_lease_duration: u64,
     /// Seconds the longest driver call may take before it counts as failed.
     #[arg(long, env = "MACHINIST_DRIVER_TIMEOUT", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     driver_timeout: u64,
@@ -104,6 +117,18 @@ fn main() -> ExitCode {
 
 async fn run_controller(args: RunArgs) -> anyhow::Result<()> {
     let client = client(&args).await?;
+    let pod = std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok());
+    let leader_election = args.leader_elect.then(|| LeaderElectionConfig {
+        namespace: args
+            .leader_election_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into()),
+        lease_name: args.leader_election_lease.clone(),
+        // Unique per process, so a restarted pod never mistakes the old lease for its own.
+        identity: format!("{}_{:08x}", pod.as_deref().unwrap_or("machinist"), rand::random::<u32>()),
+        lease_duration: Duration::from_secs(args.leader_election_lease_duration),
+    });
     let config = RunConfig {
         namespace: args.namespace,
         concurrency: args.concurrency,
@@ -111,7 +136,8 @@ async fn run_controller(args: RunArgs) -> anyhow::Result<()> {
         settings: Settings { poll_interval: Duration::from_secs(args.poll_interval), ..Settings::default() },
         driver_call_timeout: Duration::from_secs(args.driver_timeout),
         metrics_address: Some(args.metrics_address),
-        instance: std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok()),
+        instance: pod,
+        leader_election,
         ..RunConfig::default()
     };
     run(client, config, shutdown_signal()).await?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use kube::core::DeserializeGuard;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, controller, watcher};
@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::Machine;
 use crate::k8s::{self, Context, CrdError};
+use crate::leader::{LeaderElectionConfig, LeaderElector};
 use crate::metrics::{self, Metrics, ReasonLabels};
 use crate::reconcile::Settings;
 
@@ -37,6 +38,8 @@ pub struct RunConfig {
     pub metrics_address: Option<SocketAddr>,
     /// This replica's name in Events (e.g. the pod name).
     pub instance: Option<String>,
+    /// Compete for a Lease and reconcile only while holding it.
+    pub leader_election: Option<LeaderElectionConfig>,
 }
 
 impl Default for RunConfig {
@@ -50,6 +53,7 @@ impl Default for RunConfig {
             crd_wait: Duration::from_secs(30),
             metrics_address: None,
             instance: None,
+            leader_election: None,
         }
     }
 }
@@ -64,27 +68,32 @@ pub enum RunError {
     FakeStateDir { dir: String, error: std::io::Error },
     #[error("cannot serve metrics and health on {address}: {error}; set --metrics-address")]
     MetricsAddress { address: SocketAddr, error: std::io::Error },
+    #[error("lost leadership: {0}; stopped reconciling")]
+    LostLeadership(String),
 }
 
 /// Runs the controller until `shutdown` completes; then in-flight reconciles finish and
-/// it returns.
+/// it returns. With leader election, it reconciles only while it holds the Lease, and
+/// when it loses the Lease it stops at once (in-flight reconciles are dropped) and
+/// returns [`RunError::LostLeadership`].
 pub async fn run(
     client: Client,
     config: RunConfig,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), RunError> {
-    k8s::wait_for_crd(client.clone(), config.crd_wait).await?;
+    let shutdown = shutdown.shared();
+    k8s::wait_for_crd(client.clone(), config.namespace.as_deref(), config.crd_wait).await?;
     std::fs::create_dir_all(&config.fake_state_dir)
         .map_err(|error| RunError::FakeStateDir { dir: config.fake_state_dir.display().to_string(), error })?;
 
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
+    let mut background = Background::default();
     if let Some(address) = config.metrics_address {
-        // Bind before going on, so a taken port fails the start rather than later.
-        let probe =
+        // Bound here, so a taken port fails the start rather than later.
+        let listener =
             std::net::TcpListener::bind(address).map_err(|error| RunError::MetricsAddress { address, error })?;
-        drop(probe);
-        tokio::spawn(metrics::serve(address, metrics.clone(), ready.clone()));
+        background.0.push(tokio::spawn(metrics::serve(listener, metrics.clone(), ready.clone())));
     }
 
     let reporter = Reporter { controller: "machinist".into(), instance: config.instance.clone() };
@@ -98,20 +107,22 @@ pub async fn run(
         written: Default::default(),
     });
     let machines: Api<DeserializeGuard<Machine>> = match &config.namespace {
-        Some(ns) => Api::namespaced(client, ns),
-        None => Api::all(client),
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     };
     let controller = Controller::new(machines, watcher::Config::default().any_semantic())
         .with_config(controller::Config::default().concurrency(config.concurrency))
-        .graceful_shutdown_on(shutdown);
+        .graceful_shutdown_on(shutdown.clone());
     let store = controller.store();
-    tokio::spawn(async move {
+    background.0.push(tokio::spawn(count_phases(store.clone(), metrics.clone())));
+    let cache_ready = ready.clone();
+    background.0.push(tokio::spawn(async move {
         // Poll again every second: kube-runtime 5.0's Store readiness wakes only its
         // most recent waiter, and the controller's own runner waits on it too.
         loop {
             match tokio::time::timeout(Duration::from_secs(1), store.wait_until_ready()).await {
                 Ok(Ok(())) => {
-                    ready.store(true, Ordering::Relaxed);
+                    cache_ready.store(true, Ordering::Relaxed);
                     info!("Machine cache synced; ready");
                     return;
                 }
@@ -119,44 +130,110 @@ pub async fn run(
                 Err(_) => continue,
             }
         }
+    }));
+    let reconciling = controller.run(reconcile_counted, k8s::error_policy, ctx).for_each(move |result| {
+        let metrics = metrics.clone();
+        async move { log_result(result, &metrics) }
     });
+
+    let Some(election) = config.leader_election.clone() else {
+        info!(
+            namespace = config.namespace.as_deref().unwrap_or("(all)"),
+            concurrency = config.concurrency,
+            "machinist controller started"
+        );
+        reconciling.await;
+        info!("machinist controller stopped");
+        return Ok(());
+    };
+    let elector = LeaderElector::new(client, election);
+    // A standby is healthy and ready to take over; a leader is ready once its cache is.
+    let synced = ready.load(Ordering::Relaxed);
+    ready.store(true, Ordering::Relaxed);
+    tokio::select! {
+        _ = elector.acquire() => {}
+        _ = shutdown.clone() => return Ok(()),
+    }
+    ready.store(synced, Ordering::Relaxed);
     info!(
         namespace = config.namespace.as_deref().unwrap_or("(all)"),
         concurrency = config.concurrency,
         "machinist controller started"
     );
-    controller
-        .run(reconcile_counted, k8s::error_policy, ctx)
-        .for_each(|result| {
-            let metrics = metrics.clone();
-            async move {
-                match result {
-                    Ok((object, _)) => debug!(machine = %object, "reconciled"),
-                    Err(controller::Error::ObjectNotFound(object)) => {
-                        debug!(machine = %object, "gone before its reconcile")
-                    }
-                    Err(controller::Error::ReconcilerFailed(error, object)) => {
-                        let reason = error.metric_label().to_string();
-                        metrics.reconcile_failures.get_or_create(&ReasonLabels { reason }).inc();
-                        if error.is_wait() {
-                            debug!(machine = %object, %error, "waiting");
-                        } else {
-                            warn!(machine = %object, %error, "reconcile failed");
-                        }
-                    }
-                    Err(error) => warn!(%error, "controller error"),
-                }
+    tokio::select! {
+        _ = reconciling => {
+            elector.release().await;
+            info!("machinist controller stopped");
+            Ok(())
+        }
+        reason = elector.hold() => {
+            tracing::error!(%reason, "lost leadership: stopping at once");
+            Err(RunError::LostLeadership(reason))
+        }
+    }
+}
+
+fn log_result<E: std::fmt::Display>(
+    result: Result<
+        (kube::runtime::reflector::ObjectRef<DeserializeGuard<Machine>>, kube::runtime::controller::Action),
+        controller::Error<k8s::Error, E>,
+    >,
+    metrics: &Metrics,
+) {
+    match result {
+        Ok((object, _)) => debug!(machine = %object, "reconciled"),
+        Err(controller::Error::ObjectNotFound(object)) => debug!(machine = %object, "gone before its reconcile"),
+        Err(controller::Error::ReconcilerFailed(error, object)) => {
+            let reason = error.metric_label().to_string();
+            metrics.reconcile_failures.get_or_create(&ReasonLabels { reason }).inc();
+            if error.is_wait() {
+                debug!(machine = %object, %error, "waiting");
+            } else {
+                warn!(machine = %object, %error, "reconcile failed");
             }
-        })
-        .await;
-    info!("machinist controller stopped");
-    Ok(())
+        }
+        Err(error) => warn!(%error, "controller error"),
+    }
 }
 
 async fn reconcile_counted(
     obj: Arc<DeserializeGuard<Machine>>,
     ctx: Arc<Context>,
 ) -> Result<kube::runtime::controller::Action, k8s::Error> {
-    ctx.metrics.reconciles.inc();
-    k8s::reconcile(obj, ctx).await
+    let metrics = ctx.metrics.clone();
+    metrics.reconciles.inc();
+    metrics.reconciles_in_flight.inc();
+    let started = std::time::Instant::now();
+    let result = k8s::reconcile(obj, ctx).await;
+    metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    metrics.reconciles_in_flight.dec();
+    result
+}
+
+/// Tasks that live as long as one `run`.
+#[derive(Default)]
+struct Background(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Keeps the Machines-by-phase gauges current from the controller's cache.
+async fn count_phases(store: kube::runtime::reflector::Store<DeserializeGuard<Machine>>, metrics: Arc<Metrics>) {
+    loop {
+        let mut counts = std::collections::BTreeMap::<String, i64>::new();
+        for object in store.state() {
+            let phase = match &object.0 {
+                Ok(m) => m.status.as_ref().and_then(|s| s.phase).map(|p| format!("{p:?}")),
+                Err(_) => None,
+            };
+            *counts.entry(phase.unwrap_or_else(|| "Unknown".into())).or_default() += 1;
+        }
+        metrics.set_machines_by_phase(&counts);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
 }

@@ -126,12 +126,29 @@ pub struct Env {
     /// Where this test's controller serves /healthz, /readyz and /metrics.
     pub metrics_address: std::net::SocketAddr,
     state_dir: tempfile::TempDir,
-    controller: Option<Controller>,
+    controller: Option<ControllerHandle>,
 }
 
-struct Controller {
+/// A controller running in this process, as `machinist run` would.
+pub struct ControllerHandle {
     stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
+    pub task: JoinHandle<Result<(), machinist::run::RunError>>,
+}
+
+impl ControllerHandle {
+    /// Kills it at once, mid-whatever, as a crash would.
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+
+    /// Stops it gracefully (in-flight reconciles finish) and returns how it ended.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .context("graceful shutdown")??
+            .context("the controller failed")
+    }
 }
 
 impl Env {
@@ -159,46 +176,60 @@ impl Env {
         Ok(env)
     }
 
-    /// Starts the controller (the same `run` as `machinist run`) for this namespace.
-    pub fn start_controller(&mut self) {
-        assert!(self.controller.is_none(), "the controller already runs");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let config = RunConfig {
+    /// A namespace with no controller running yet.
+    pub async fn idle(test: &str) -> Result<Env> {
+        let mut env = Env::new(test).await?;
+        env.abort_controller();
+        Ok(env)
+    }
+
+    /// This test's controller configuration: its namespace, its fake state, fast timings.
+    pub fn run_config(&self) -> RunConfig {
+        RunConfig {
             namespace: Some(self.namespace.clone()),
             concurrency: 16,
             fake_state_dir: self.state_dir.path().to_path_buf(),
             settings: test_settings(),
             driver_call_timeout: Duration::from_secs(30),
             instance: Some(format!("e2e-{}", self.namespace)),
-            metrics_address: Some(self.metrics_address),
+            metrics_address: None,
             ..RunConfig::default()
-        };
+        }
+    }
+
+    /// Runs a controller with `config` (the same `run` as `machinist run`).
+    pub fn spawn_controller(&self, config: RunConfig) -> ControllerHandle {
+        let (stop, stopped) = oneshot::channel::<()>();
         let client = self.client.clone();
         let task = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stopped.await;
             };
-            if let Err(e) = machinist::run::run(client, config, shutdown).await {
-                panic!("the controller failed: {e}");
-            }
+            machinist::run::run(client, config, shutdown).await
         });
-        self.controller = Some(Controller { stop, task });
+        ControllerHandle { stop, task }
     }
 
-    /// Kills the controller at once, mid-whatever, as a crash would.
+    /// Starts this test's controller.
+    pub fn start_controller(&mut self) {
+        assert!(self.controller.is_none(), "the controller already runs");
+        let config = RunConfig { metrics_address: Some(self.metrics_address), ..self.run_config() };
+        self.controller = Some(self.spawn_controller(config));
+    }
+
+    /// Kills this test's controller at once, mid-whatever, as a crash would.
     pub fn abort_controller(&mut self) {
         if let Some(c) = self.controller.take() {
-            c.task.abort();
+            c.abort();
         }
     }
 
-    /// Stops the controller gracefully (in-flight reconciles finish).
+    /// Stops this test's controller gracefully (in-flight reconciles finish).
     pub async fn stop_controller(&mut self) -> Result<()> {
-        if let Some(c) = self.controller.take() {
-            let _ = c.stop.send(());
-            tokio::time::timeout(Duration::from_secs(30), c.task).await.context("graceful shutdown")??;
+        match self.controller.take() {
+            Some(c) => c.stop().await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     pub fn fake_store(&self) -> FakeStore {

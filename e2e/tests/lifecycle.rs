@@ -195,9 +195,25 @@ async fn health_readiness_and_metrics_are_served() -> Result<()> {
         assert!(tokio::time::Instant::now() < deadline, "/readyz never became ready");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (code, metrics) = machinist_e2e::http_get(env.metrics_address, "/metrics").await?;
-    ensure_eq(code, 200, "/metrics")?;
-    assert!(metrics.contains("machinist_reconciles_total"), "{metrics}");
+    // The phase gauges are refreshed every few seconds.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let metrics = loop {
+        let (code, metrics) = machinist_e2e::http_get(env.metrics_address, "/metrics").await?;
+        ensure_eq(code, 200, "/metrics")?;
+        if metrics.contains(r#"machinist_machines{phase="Running"} 1"#) {
+            break metrics;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no Running Machine counted: {metrics}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    for series in [
+        "machinist_reconciles_total",
+        "machinist_reconcile_duration_seconds_count",
+        "machinist_reconciles_in_flight",
+        r#"machinist_machines{phase="Stopped"} 0"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing: {metrics}");
+    }
     assert!(
         metrics.contains(
             r#"machinist_driver_call_duration_seconds_count{driver="fake",operation="Create",result="Succeeded"} 1"#

@@ -21,10 +21,16 @@ pub enum CrdError {
 }
 
 /// Waits until the Machine CRD is installed and Established, so the controller never
-/// starts watching a resource the server does not serve.
-pub async fn wait_for_crd(client: Client, timeout: Duration) -> Result<(), CrdError> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client);
-    match crds.get_opt(CRD_NAME).await? {
+/// starts watching a resource the server does not serve. Where reading CRDs is
+/// forbidden (a namespace-scoped install has no cluster-wide permission), asking for the
+/// Machines of the watched namespace tells whether the resource is served.
+pub async fn wait_for_crd(client: Client, namespace: Option<&str>, timeout: Duration) -> Result<(), CrdError> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let found = match crds.get_opt(CRD_NAME).await {
+        Err(kube::Error::Api(e)) if e.code == 403 => return probe_machines(client, namespace).await,
+        other => other?,
+    };
+    match found {
         None => return Err(CrdError::NotInstalled),
         Some(crd) if conditions::is_crd_established().matches_object(Some(&crd)) => return Ok(()),
         Some(_) => {}
@@ -34,5 +40,17 @@ pub async fn wait_for_crd(client: Client, timeout: Duration) -> Result<(), CrdEr
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(CrdError::Api(kube::Error::Service(Box::new(e)))),
         Err(_) => Err(CrdError::NotEstablished(timeout)),
+    }
+}
+
+async fn probe_machines(client: Client, namespace: Option<&str>) -> Result<(), CrdError> {
+    let machines: Api<crate::api::Machine> = match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    match machines.list(&kube::api::ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Err(CrdError::NotInstalled),
+        Err(e) => Err(CrdError::Api(e)),
     }
 }

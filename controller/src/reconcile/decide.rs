@@ -155,6 +155,8 @@ fn plan_instance(
     // (step, phase, PowerStateSynced reason and message when not in sync)
     let mut step: Option<Planned> = None;
     let mut requeue = progress;
+    // The Event of a Kill for a stop timeout, published only when the Kill is made.
+    let mut escalation: Option<Note> = None;
     let phase;
     match (spec.power_state, state) {
         (PowerState::Running, State::Running) => {
@@ -173,9 +175,13 @@ fn plan_instance(
             }
         }
         (PowerState::Running, State::Stopped | State::Paused | State::Saved) => {
+            // Not drift when machinist itself stopped it (and powerState flipped back since).
             let drift = previous_state == Some(State::Running)
                 && !restarting
-                && last_op.is_none_or(|op| op.result == OperationResult::Succeeded);
+                && last_op.is_none_or(|op| {
+                    op.result == OperationResult::Succeeded
+                        && !matches!(op.operation, Operation::Stop | Operation::Kill)
+                });
             let cause = match restart {
                 // A restart of a stopped machine is a start.
                 Some(request) => Cause::RestartRequest(request),
@@ -199,15 +205,6 @@ fn plan_instance(
             phase = if restarting { Phase::Restarting } else { Phase::Starting };
             c.set(ConditionType::PowerStateSynced, false, "Starting", "waiting for the instance to finish starting");
         }
-        (PowerState::Running, State::Stopping) => {
-            phase = Phase::Stopping;
-            c.set(
-                ConditionType::PowerStateSynced,
-                false,
-                "Stopping",
-                "waiting for the instance to finish stopping before starting it again",
-            );
-        }
         (PowerState::Stopped, State::Stopped) => {
             phase = Phase::Stopped;
             c.set(ConditionType::PowerStateSynced, true, "Stopped", "stopped as desired");
@@ -229,46 +226,46 @@ fn plan_instance(
             step = Some(Planned { step: s, cause: Cause::Converge });
             phase = Phase::Stopping;
         }
-        (PowerState::Stopped, State::Stopping) => {
+        (desired, State::Stopping) => {
             phase = Phase::Stopping;
+            // A stop that does not finish is killed after the stop timeout, counted from
+            // machinist's own Stop or Kill, else from when the power state went out of
+            // sync: never an endless wait (a failed Kill, a failed observation, a hung
+            // stop while Running is desired again).
             let graceful = last_op.filter(|op| op.operation == Operation::Stop && op.result != OperationResult::Failed);
-            match graceful {
-                Some(op) => {
-                    let waited = duration_between(op.time.0, input.now);
-                    let timeout = spec.stop_timeout();
-                    if waited >= timeout {
-                        notes.push(Note::warning(
-                            "StopTimedOut",
-                            "Kill",
-                            format!(
-                                "the graceful stop did not finish within {}s; killing the instance",
-                                timeout.as_secs()
-                            ),
-                        ));
-                        c.set(
-                            ConditionType::PowerStateSynced,
-                            false,
-                            "Stopping",
-                            "the graceful stop timed out; killing the instance",
-                        );
-                        step = Some(Planned { step: Step::Kill, cause: Cause::StopTimeout });
-                    } else {
-                        c.set(
-                            ConditionType::PowerStateSynced,
-                            false,
-                            "Stopping",
-                            format!("waiting for the graceful stop (killed after {}s)", timeout.as_secs()),
-                        );
-                        requeue =
-                            Some((timeout - waited).min(settings.progress_interval).max(Duration::from_millis(200)));
-                    }
-                }
-                None => c.set(
+            let own = last_op.filter(|op| {
+                matches!(op.operation, Operation::Stop | Operation::Kill) && op.result != OperationResult::Failed
+            });
+            let out_of_sync = get_condition(&before.conditions, ConditionType::PowerStateSynced)
+                .filter(|p| p.status != "True")
+                .map(|p| p.last_transition_time.0);
+            let since = own.map(|op| op.time.0).or(out_of_sync).unwrap_or(input.now);
+            let waited = duration_between(since, input.now);
+            let timeout = spec.stop_timeout();
+            let what = if graceful.is_some() { "graceful stop" } else { "stop" };
+            if waited >= timeout {
+                escalation = Some(Note::warning(
+                    "StopTimedOut",
+                    "Kill",
+                    format!("the {what} did not finish within {}s; killing the instance", timeout.as_secs()),
+                ));
+                c.set(
                     ConditionType::PowerStateSynced,
                     false,
                     "Stopping",
-                    "waiting for the instance to finish stopping",
-                ),
+                    format!("the {what} timed out; killing the instance"),
+                );
+                step = Some(Planned { step: Step::Kill, cause: Cause::StopTimeout });
+            } else {
+                let message = match (graceful, desired) {
+                    (Some(_), _) => format!("waiting for the graceful stop (killed after {}s)", timeout.as_secs()),
+                    (None, PowerState::Stopped) => "waiting for the instance to finish stopping".to_string(),
+                    (None, PowerState::Running) => {
+                        "waiting for the instance to finish stopping before starting it again".to_string()
+                    }
+                };
+                c.set(ConditionType::PowerStateSynced, false, "Stopping", message);
+                requeue = Some((timeout - waited).min(settings.progress_interval).max(Duration::from_millis(200)));
             }
         }
         (PowerState::Stopped, State::Starting) => {
@@ -301,6 +298,9 @@ fn plan_instance(
             step = None;
             requeue = wait;
         }
+    }
+    if step.is_some() {
+        notes.extend(escalation);
     }
     let mut c = conditions(&mut status, machine, input.now);
     if step.is_none()

@@ -8,6 +8,8 @@ mod backoff;
 mod decide;
 mod delete;
 mod summary;
+#[cfg(test)]
+mod tests;
 
 pub use backoff::{Settings, backoff_delay};
 pub use decide::{begin, plan, record};

@@ -1,0 +1,2037 @@
+//! Tests of the pure decision: [`plan`], [`record`], [`begin`], [`plan_cleanup`] and
+//! [`record_cleanup`], table-driven, plus a simulation of a Machine against a tiny
+//! in-memory model of its instance (proptest).
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use machinist_drivers::{Address, AddressType, DriverError, Operation, State};
+
+use super::*;
+use crate::api::{
+    ConditionType, Failures, LastOperation, Machine, MachineStatus, OperationResult, Phase, PowerState, RestartMode,
+    StopMode, get_condition,
+};
+use crate::fixtures::{
+    PROVIDER_ID, SETTINGS, at, input, input_at, instance, invalid_config, not_found, not_supported, now, rate_limited,
+    transient,
+};
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+/// (status, reason) of a condition.
+fn cond(status: &MachineStatus, kind: ConditionType) -> Option<(&str, &str)> {
+    get_condition(&status.conditions, kind).map(|c| (c.status.as_str(), c.reason.as_str()))
+}
+
+fn message(status: &MachineStatus, kind: ConditionType) -> &str {
+    get_condition(&status.conditions, kind).map_or("", |c| c.message.as_str())
+}
+
+fn reasons(notes: &[Note]) -> Vec<&'static str> {
+    notes.iter().map(|n| n.reason).collect()
+}
+
+fn warnings(notes: &[Note]) -> Vec<&'static str> {
+    notes.iter().filter(|n| n.warning).map(|n| n.reason).collect()
+}
+
+/// `machine` with the status a write of `status` leaves on it.
+fn feed(machine: &Machine, status: &MachineStatus) -> Machine {
+    machine.clone().with_full_status(Some(status.clone()))
+}
+
+/// The status as the API server hands it back: through JSON.
+fn roundtrip(status: &MachineStatus) -> MachineStatus {
+    let json = serde_json::to_value(status).expect("status serializes");
+    serde_json::from_value(json).expect("status deserializes")
+}
+
+fn planned(step: Step, cause: Cause) -> Option<Planned> {
+    Some(Planned { step, cause })
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+fn last_op(operation: Operation, result: OperationResult, time: jiff::Timestamp) -> Option<LastOperation> {
+    Some(LastOperation { operation, result, message: format!("{operation} {result:?}"), time: Time(time) })
+}
+
+/// Plans at `now`, performs `planned` with `outcome`, and returns the Machine with the
+/// recorded status (as the Kubernetes layer chains them), plus the recorded plan.
+fn step_and_record(machine: &Machine, observed: Observed, when: jiff::Timestamp, outcome: Outcome) -> (Machine, Plan) {
+    let input = input_at(machine, observed, when);
+    let plan = plan(&input);
+    let step = plan.step.clone().unwrap_or_else(|| panic!("expected a step, got {plan:#?}"));
+    let recorded = record(&input, &plan, &step, outcome);
+    (feed(machine, &recorded.status), recorded)
+}
+
+// ---------------------------------------------------------------------------------------
+// The table: phase × desired power state × observed state × error kind
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Requeue {
+    /// Only when the Machine changes.
+    None,
+    /// `progress_interval`.
+    Progress,
+    /// `poll_interval`, jittered (exactly the interval with the tests' jitter).
+    Poll,
+    /// A backoff of this many seconds, with `failures.nextRetryTime` = now + that.
+    Backoff(u64),
+    /// Exactly this long.
+    Exactly(u64),
+}
+
+struct Row {
+    name: &'static str,
+    // given
+    desired: PowerState,
+    stop: StopMode,
+    restart: Option<(&'static str, RestartMode)>,
+    observed: Observed,
+    prior: fn(Machine) -> Machine,
+    // expected
+    step: Option<Planned>,
+    phase: Option<Phase>,
+    synced: Option<(&'static str, &'static str)>,
+    ready: (&'static str, &'static str),
+    requeue: Requeue,
+    notes: &'static [&'static str],
+}
+
+fn row() -> Row {
+    Row {
+        name: "",
+        desired: PowerState::Running,
+        stop: StopMode::Graceful,
+        restart: None,
+        observed: Observed::NoInstance,
+        prior: |m| m,
+        step: None,
+        phase: None,
+        synced: None,
+        ready: ("False", ""),
+        requeue: Requeue::None,
+        notes: &[],
+    }
+}
+
+fn known(m: Machine) -> Machine {
+    m.with_provider_id(PROVIDER_ID)
+}
+
+fn was(state: State) -> impl Fn(Machine) -> Machine {
+    move |m| known(m).with_state(state)
+}
+
+fn table() -> Vec<Row> {
+    use PowerState::Stopped as DesiredStopped;
+    let stop300 = Step::Stop { escalate_after: secs(300) };
+    vec![
+        Row {
+            name: "no instance: create",
+            observed: Observed::NoInstance,
+            step: planned(Step::Create, Cause::Converge),
+            phase: Some(Phase::Creating),
+            synced: Some(("Unknown", "NoInstance")),
+            ready: ("False", "Creating"),
+            requeue: Requeue::None,
+            ..row()
+        },
+        Row {
+            name: "no instance, desired Stopped: create all the same",
+            desired: DesiredStopped,
+            observed: Observed::NoInstance,
+            step: planned(Step::Create, Cause::Converge),
+            phase: Some(Phase::Creating),
+            synced: Some(("Unknown", "NoInstance")),
+            ready: ("False", "Creating"),
+            ..row()
+        },
+        Row {
+            name: "found by UID, running: adopted, no create",
+            observed: instance(State::Running),
+            step: None,
+            phase: Some(Phase::Running),
+            synced: Some(("True", "Running")),
+            ready: ("True", "Ready"),
+            requeue: Requeue::Poll,
+            notes: &["Adopted", "Ready"],
+            ..row()
+        },
+        Row {
+            name: "found by UID, stopped: adopted and started (no drift: never seen running)",
+            observed: instance(State::Stopped),
+            step: planned(Step::Start, Cause::Converge),
+            phase: Some(Phase::Starting),
+            synced: Some(("False", "Starting")),
+            ready: ("False", "Starting"),
+            requeue: Requeue::Progress,
+            notes: &["Adopted"],
+            ..row()
+        },
+        Row {
+            name: "running as desired: converged",
+            observed: instance(State::Running),
+            prior: |m| was(State::Running)(m),
+            step: None,
+            phase: Some(Phase::Running),
+            synced: Some(("True", "Running")),
+            ready: ("True", "Ready"),
+            requeue: Requeue::Poll,
+            notes: &["Ready"],
+            ..row()
+        },
+        Row {
+            name: "desired Stopped, running, Graceful: stop with the default timeout",
+            desired: DesiredStopped,
+            observed: instance(State::Running),
+            prior: |m| was(State::Running)(m),
+            step: planned(stop300.clone(), Cause::Converge),
+            phase: Some(Phase::Stopping),
+            synced: Some(("False", "Stopping")),
+            ready: ("False", "Stopping"),
+            requeue: Requeue::Progress,
+            ..row()
+        },
+        Row {
+            name: "desired Stopped, running, Force: kill",
+            desired: DesiredStopped,
+            stop: StopMode::Force,
+            observed: instance(State::Running),
+            prior: |m| was(State::Running)(m),
+            step: planned(Step::Kill, Cause::Converge),
+            phase: Some(Phase::Stopping),
+            synced: Some(("False", "Stopping")),
+            ready: ("False", "Stopping"),
+            requeue: Requeue::Progress,
+            ..row()
+        },
+        Row {
+            name: "desired Stopped, paused: stop",
+            desired: DesiredStopped,
+            observed: instance(State::Paused),
+            prior: |m| was(State::Paused)(m),
+            step: planned(stop300.clone(), Cause::Converge),
+            phase: Some(Phase::Stopping),
+            synced: Some(("False", "Stopping")),
+            ready: ("False", "Stopping"),
+            requeue: Requeue::Progress,
+            ..row()
+        },
+        Row {
+            name: "desired Stopped, saved, Force: kill",
+            desired: DesiredStopped,
+            stop: StopMode::Force,
+            observed: instance(State::Saved),
+            prior: known,
+            step: planned(Step::Kill, Cause::Converge),
+            phase: Some(Phase::Stopping),
+            synced: Some(("False", "Stopping")),
+            ready: ("False", "Stopping"),
+            requeue: Requeue::Progress,
+            ..row()
+        },
+        Row {
+            name: "stopped as desired: synced, not ready",
+            desired: DesiredStopped,
+            observed: instance(State::Stopped),
+            prior: |m| was(State::Stopped)(m),
+            step: None,
+            phase: Some(Phase::Stopped),
+            synced: Some(("True", "Stopped")),
+            ready: ("False", "Stopped"),
+            requeue: Requeue::Poll,
+            ..row()
+        },
+        Row {
+            name: "drift: was running, found stopped, desired Running",
+            observed: instance(State::Stopped),
+            prior: |m| was(State::Running)(m),
+            step: planned(Step::Start, Cause::Drift),
+            phase: Some(Phase::Starting),
+            synced: Some(("False", "Starting")),
+            ready: ("False", "Starting"),
+            requeue: Requeue::Progress,
+            notes: &["StoppedOutOfBand"],
+            ..row()
+        },
+        Row {
+            name: "drift: was running, found saved",
+            observed: instance(State::Saved),
+            prior: |m| was(State::Running)(m),
+            step: planned(Step::Start, Cause::Drift),
+            phase: Some(Phase::Starting),
+            synced: Some(("False", "Starting")),
+            ready: ("False", "Starting"),
+            requeue: Requeue::Progress,
+            notes: &["StoppedOutOfBand"],
+            ..row()
+        },
+        Row {
+            name: "was stopped, desired Running now: start, no drift",
+            observed: instance(State::Stopped),
+            prior: |m| was(State::Stopped)(m),
+            step: planned(Step::Start, Cause::Converge),
+            phase: Some(Phase::Starting),
+            synced: Some(("False", "Starting")),
+            ready: ("False", "Starting"),
+            requeue: Requeue::Progress,
+            ..row()
+        },
+        Row {
+            name: "paused instance, desired Running: start",
+            observed: instance(State::Paused),
+            prior: |m| was(State::Paused)(m),
+            step: planned(Step::Start, Cause::Converge),
+            phase: Some(Phase::Starting),
+            synced: Some(("False", "Starting")),
+            ready: ("False", "Starting"),
+            requeue: Requeue::Progress,
+            ..row()
+        },
+        Row {
+            name: "restart request, Soft: restart",
+            restart: Some(("r1", RestartMode::Soft)),
+            observed: instance(State::Running),
+            prior: |m| was(State::Running)(m),
+            step: planned(Step::Restart, Cause::RestartRequest("r1".into())),
+            phase: Some(Phase::Restarting),
+            synced: Some(("False", "Restarting")),
+            ready: ("False", "Restarting"),
+            requeue: Requeue::Progress,
+            ..row()
+        },
+        Row {
+            name: "restart request, Hard: kill then start",
+            restart: Some(("r1", RestartMode::Hard)),
+            observed: instance(State::Running),
+            prior: |m| was(State::Running)(m),
+            step: planned(Step::HardRestart, Cause::RestartRequest("r1".into())),
+            phase: Some(Phase::Restarting),
+            synced: Some(("False", "Restarting")),
+            ready: ("False", "Restarting"),
+            requeue: Requeue::Progress,
+            ..row()
+        },
+        Row {
+            name: "restart request already handled: nothing",
+            restart: Some(("r1", RestartMode::Soft)),
+            observed: instance(State::Running),
+            prior: |m| was(State::Running)(m).with_last_restart_request("r1"),
+            step: None,
+            phase: Some(Phase::Running),
+            synced: Some(("True", "Running")),
+            ready: ("True", "Ready"),
+            requeue: Requeue::Poll,
+            notes: &["Ready"],
+            ..row()
+        },
+        Row {
+            name: "restart request, desired Stopped, stopped: skipped",
+            desired: DesiredStopped,
+            restart: Some(("r1", RestartMode::Soft)),
+            observed: instance(State::Stopped),
+            prior: |m| was(State::Stopped)(m),
+            step: None,
+            phase: Some(Phase::Stopped),
+            synced: Some(("True", "Stopped")),
+            ready: ("False", "Stopped"),
+            requeue: Requeue::Poll,
+            notes: &["RestartSkipped"],
+            ..row()
+        },
+        Row {
+            name: "restart request, desired Stopped, running: skipped, stop",
+            desired: DesiredStopped,
+            restart: Some(("r1", RestartMode::Hard)),
+            observed: instance(State::Running),
+            prior: |m| was(State::Running)(m),
+            step: planned(stop300.clone(), Cause::Converge),
+            phase: Some(Phase::Stopping),
+            synced: Some(("False", "Stopping")),
+            ready: ("False", "Stopping"),
+            requeue: Requeue::Progress,
+            notes: &["RestartSkipped"],
+            ..row()
+        },
+        Row {
+            name: "restart request of a stopped machine that should run: start for the request",
+            restart: Some(("r1", RestartMode::Soft)),
+            observed: instance(State::Stopped),
+            prior: |m| was(State::Stopped)(m),
+            step: planned(Step::Start, Cause::RestartRequest("r1".into())),
+            phase: Some(Phase::Starting),
+            synced: Some(("False", "Starting")),
+            ready: ("False", "Starting"),
+            requeue: Requeue::Progress,
+            ..row()
+        },
+        Row {
+            name: "restart request while starting: wait",
+            restart: Some(("r1", RestartMode::Soft)),
+            observed: instance(State::Starting),
+            prior: |m| was(State::Stopped)(m),
+            step: None,
+            phase: Some(Phase::Starting),
+            synced: Some(("False", "Starting")),
+            ready: ("False", "Starting"),
+            requeue: Requeue::Progress,
+            ..row()
+        },
+        Row {
+            name: "starting, desired Running: wait",
+            observed: instance(State::Starting),
+            prior: |m| was(State::Stopped)(m),
+            step: None,
+            phase: Some(Phase::Starting),
+            synced: Some(("False", "Starting")),
+            ready: ("False", "Starting"),
+            requeue: Requeue::Progress,
+            ..row()
+        },
+        Row {
+            name: "stopping, desired Running: wait",
+            observed: instance(State::Stopping),
+            prior: |m| was(State::Running)(m),
+            step: None,
+            phase: Some(Phase::Stopping),
+            synced: Some(("False", "Stopping")),
+            ready: ("False", "Stopping"),
+            requeue: Requeue::Progress,
+            ..row()
+        },
+        Row {
+            name: "starting, desired Stopped: wait",
+            desired: DesiredStopped,
+            observed: instance(State::Starting),
+            prior: |m| was(State::Stopped)(m),
+            step: None,
+            phase: Some(Phase::Starting),
+            synced: Some(("False", "Starting")),
+            ready: ("False", "Starting"),
+            requeue: Requeue::Progress,
+            ..row()
+        },
+        Row {
+            name: "stopping (not machinist's stop), desired Stopped: wait",
+            desired: DesiredStopped,
+            observed: instance(State::Stopping),
+            prior: |m| was(State::Running)(m),
+            step: None,
+            phase: Some(Phase::Stopping),
+            synced: Some(("False", "Stopping")),
+            ready: ("False", "Stopping"),
+            requeue: Requeue::Progress,
+            ..row()
+        },
+        Row {
+            name: "error state, desired Running: failed, warned",
+            observed: instance(State::Error),
+            prior: |m| was(State::Running)(m),
+            step: None,
+            phase: Some(Phase::Failed),
+            synced: Some(("False", "InstanceError")),
+            ready: ("False", "InstanceError"),
+            requeue: Requeue::Exactly(30),
+            notes: &["InstanceError"],
+            ..row()
+        },
+        Row {
+            name: "error state, desired Stopped: failed, no stop",
+            desired: DesiredStopped,
+            observed: instance(State::Error),
+            prior: known,
+            step: None,
+            phase: Some(Phase::Failed),
+            synced: Some(("False", "InstanceError")),
+            ready: ("False", "InstanceError"),
+            requeue: Requeue::Exactly(30),
+            notes: &["InstanceError"],
+            ..row()
+        },
+        Row {
+            name: "providerID known, instance gone: never create another",
+            observed: instance(State::NotFound),
+            prior: |m| was(State::Running)(m),
+            step: None,
+            phase: Some(Phase::Failed),
+            synced: Some(("False", "InstanceNotFound")),
+            ready: ("False", "InstanceNotFound"),
+            requeue: Requeue::Poll,
+            notes: &["InstanceNotFound"],
+            ..row()
+        },
+        Row {
+            name: "state None: unknown, phase Pending when there was none",
+            observed: instance(State::None),
+            prior: known,
+            step: None,
+            phase: Some(Phase::Pending),
+            synced: Some(("Unknown", "StateUnknown")),
+            ready: ("False", "StateUnknown"),
+            requeue: Requeue::Progress,
+            ..row()
+        },
+        Row {
+            name: "state Timeout: unknown, phase kept",
+            desired: DesiredStopped,
+            observed: instance(State::Timeout),
+            prior: |m| was(State::Running)(m).with_status(|s| s.phase = Some(Phase::Running)),
+            step: None,
+            phase: Some(Phase::Running),
+            synced: Some(("Unknown", "StateUnknown")),
+            ready: ("False", "StateUnknown"),
+            requeue: Requeue::Progress,
+            ..row()
+        },
+        Row {
+            name: "invalid spec: no step, no requeue, warned",
+            observed: Observed::InvalidSpec(invalid_config()),
+            prior: |m| was(State::Running)(m),
+            step: None,
+            phase: Some(Phase::Failed),
+            synced: None,
+            ready: ("False", "InvalidSpec"),
+            requeue: Requeue::None,
+            notes: &["InvalidSpec"],
+            ..row()
+        },
+        Row {
+            name: "observation failed, transient: backoff",
+            observed: Observed::Failed(transient()),
+            prior: |m| was(State::Running)(m).with_status(|s| s.phase = Some(Phase::Running)),
+            step: None,
+            phase: Some(Phase::Running),
+            synced: Some(("Unknown", "TransientError")),
+            ready: ("False", "TransientError"),
+            requeue: Requeue::Backoff(1),
+            notes: &["TransientError"],
+            ..row()
+        },
+        Row {
+            name: "observation failed, rate limited: honour retry-after",
+            desired: DesiredStopped,
+            observed: Observed::Failed(rate_limited(30)),
+            prior: known,
+            step: None,
+            phase: None,
+            synced: Some(("Unknown", "RateLimited")),
+            ready: ("False", "RateLimited"),
+            requeue: Requeue::Backoff(30),
+            notes: &["RateLimited"],
+            ..row()
+        },
+        Row {
+            name: "observation failed, credentials not found: backoff",
+            observed: Observed::Failed(not_found()),
+            step: None,
+            phase: None,
+            synced: Some(("Unknown", "NotFound")),
+            ready: ("False", "NotFound"),
+            requeue: Requeue::Backoff(1),
+            notes: &["NotFound"],
+            ..row()
+        },
+        Row {
+            name: "observation not supported: no retry, polled",
+            observed: Observed::Failed(not_supported(Operation::Status)),
+            prior: known,
+            step: None,
+            phase: None,
+            synced: Some(("Unknown", "NotSupported")),
+            ready: ("False", "NotSupported"),
+            requeue: Requeue::Poll,
+            notes: &["NotSupported"],
+            ..row()
+        },
+    ]
+}
+
+#[test]
+fn table_of_decisions() {
+    let mut failed = Vec::new();
+    for row in table() {
+        let mut machine = Machine::test().with_power_state(row.desired).with_stop_mode(row.stop);
+        if let Some((request, mode)) = row.restart {
+            machine = machine.with_restart(request, mode);
+        }
+        let machine = (row.prior)(machine);
+        let input = input(&machine, row.observed.clone());
+        let plan = plan(&input);
+        let s = &plan.status;
+        let requeue = match row.requeue {
+            Requeue::None => None,
+            Requeue::Progress => Some(SETTINGS.progress_interval),
+            Requeue::Poll => Some(SETTINGS.poll_interval),
+            Requeue::Backoff(n) | Requeue::Exactly(n) => Some(secs(n)),
+        };
+        let mut problems = Vec::new();
+        if plan.step != row.step {
+            problems.push(format!("step {:?}, expected {:?}", plan.step, row.step));
+        }
+        if s.phase != row.phase {
+            problems.push(format!("phase {:?}, expected {:?}", s.phase, row.phase));
+        }
+        if cond(s, ConditionType::PowerStateSynced) != row.synced {
+            problems.push(format!(
+                "PowerStateSynced {:?}, expected {:?}",
+                cond(s, ConditionType::PowerStateSynced),
+                row.synced
+            ));
+        }
+        if cond(s, ConditionType::Ready) != Some(row.ready) {
+            problems.push(format!("Ready {:?}, expected {:?}", cond(s, ConditionType::Ready), row.ready));
+        }
+        if plan.requeue != requeue {
+            problems.push(format!("requeue {:?}, expected {:?} ({:?})", plan.requeue, requeue, row.requeue));
+        }
+        if let Requeue::Backoff(n) = row.requeue {
+            let next = s.failures.as_ref().and_then(|f| f.next_retry_time.clone());
+            if next != Some(Time(at(n as i64))) {
+                problems.push(format!("failures.nextRetryTime {next:?}, expected now + {n}s"));
+            }
+        }
+        if reasons(&plan.notes) != row.notes {
+            problems.push(format!("notes {:?}, expected {:?}", reasons(&plan.notes), row.notes));
+        }
+        // Every condition carries the generation it was decided at.
+        if let Some(c) = s.conditions.iter().find(|c| c.observed_generation != Some(1)) {
+            problems.push(format!("condition {} has observedGeneration {:?}", c.type_, c.observed_generation));
+        }
+        if s.driver.as_deref() != Some("fake") {
+            problems.push(format!("status.driver {:?}", s.driver));
+        }
+        if !problems.is_empty() {
+            failed.push(format!("{}:\n    {}", row.name, problems.join("\n    ")));
+        }
+    }
+    assert!(failed.is_empty(), "{} rows failed:\n{}", failed.len(), failed.join("\n"));
+}
+
+// ---------------------------------------------------------------------------------------
+// plan: the details behind the table
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn no_instance_is_created_once_per_plan_and_nothing_else_is_set() {
+    let machine = Machine::test();
+    let plan = plan(&input(&machine, Observed::NoInstance));
+    assert_eq!(plan.step, planned(Step::Create, Cause::Converge));
+    assert_eq!(plan.status.provider_id, None);
+    assert_eq!(cond(&plan.status, ConditionType::InstanceCreated), Some(("False", "Creating")));
+    assert_eq!(cond(&plan.status, ConditionType::Paused), Some(("False", "NotPaused")));
+    assert_eq!(cond(&plan.status, ConditionType::Deleting), Some(("False", "NotDeleting")));
+    assert!(plan.notes.is_empty(), "{:?}", plan.notes);
+}
+
+#[test]
+fn instance_found_by_uid_is_adopted_not_created() {
+    let machine = Machine::test();
+    let observed = Observed::Instance { id: "fake-adopt-me".into(), state: State::Running, addresses: None };
+    let plan = plan(&input(&machine, observed));
+    assert_eq!(plan.step, None);
+    assert_eq!(plan.status.provider_id.as_deref(), Some("fake-adopt-me"));
+    assert_eq!(cond(&plan.status, ConditionType::InstanceCreated), Some(("True", "Created")));
+    let adopted = plan.notes.iter().find(|n| n.reason == "Adopted").expect("an Adopted note");
+    assert!(!adopted.warning);
+    assert!(adopted.message.contains("fake-adopt-me"), "{}", adopted.message);
+
+    // Adopted once: the next plan knows the providerID.
+    let again = super::plan(&input(&feed(&machine, &plan.status), instance(State::Running)));
+    assert!(!reasons(&again.notes).contains(&"Adopted"));
+}
+
+#[test]
+fn converged_running_clears_failures_and_sets_observed_generation() {
+    let address = Address { kind: AddressType::InternalIP, address: "192.0.2.7".into() };
+    let machine = was(State::Running)(Machine::test().with_generation(4)).with_status(|s| {
+        s.failures = Some(Failures { count: 3, reason: "TransientError".into(), next_retry_time: Some(Time(at(-10))) });
+        s.observed_generation = Some(2);
+    });
+    let observed =
+        Observed::Instance { id: PROVIDER_ID.into(), state: State::Running, addresses: Some(vec![address.clone()]) };
+    let plan = plan(&input(&machine, observed));
+    assert_eq!(plan.step, None);
+    assert_eq!(plan.status.failures, None);
+    assert_eq!(plan.status.observed_generation, Some(4));
+    assert_eq!(plan.status.addresses, vec![address]);
+    assert_eq!(cond(&plan.status, ConditionType::Ready), Some(("True", "Ready")));
+    assert_eq!(reasons(&plan.notes), ["Ready"]);
+}
+
+#[test]
+fn a_step_under_way_does_not_set_observed_generation() {
+    let machine = was(State::Running)(Machine::test().with_generation(3).with_power_state(PowerState::Stopped))
+        .with_status(|s| s.observed_generation = Some(2));
+    let plan = plan(&input(&machine, instance(State::Running)));
+    assert!(plan.step.is_some());
+    assert_eq!(plan.status.observed_generation, Some(2));
+}
+
+#[test]
+fn graceful_stop_escalates_after_stop_timeout_seconds() {
+    let machine = was(State::Running)(Machine::test().with_power_state(PowerState::Stopped).with_stop_timeout(42));
+    let plan = plan(&input(&machine, instance(State::Running)));
+    assert_eq!(plan.step, planned(Step::Stop { escalate_after: secs(42) }, Cause::Converge));
+}
+
+/// A Machine that asked for a graceful stop at `stopped_at` and now sees the instance Stopping.
+fn stopping_since(stopped_at: jiff::Timestamp, timeout: Option<u32>) -> Machine {
+    let mut machine = Machine::test().with_power_state(PowerState::Stopped);
+    if let Some(t) = timeout {
+        machine = machine.with_stop_timeout(t);
+    }
+    was(State::Running)(machine).with_status(|s| {
+        s.phase = Some(Phase::Stopping);
+        s.last_operation = last_op(Operation::Stop, OperationResult::Succeeded, stopped_at);
+    })
+}
+
+#[test]
+fn stopping_past_the_timeout_is_killed() {
+    for (timeout, elapsed) in [(None, 300), (None, 1000), (Some(42), 42)] {
+        let machine = stopping_since(at(-elapsed), timeout);
+        let plan = plan(&input(&machine, instance(State::Stopping)));
+        assert_eq!(plan.step, planned(Step::Kill, Cause::StopTimeout), "timeout {timeout:?}, elapsed {elapsed}");
+        assert_eq!(plan.status.phase, Some(Phase::Stopping));
+        assert_eq!(warnings(&plan.notes), ["StopTimedOut"]);
+        assert_eq!(begin(&plan, plan.step.as_ref().unwrap(), now()).last_operation.unwrap().operation, Operation::Kill);
+    }
+}
+
+#[test]
+fn stopping_before_the_timeout_waits_no_longer_than_the_remaining_time() {
+    for (timeout, elapsed) in [(None, 299), (None, 0), (Some(42), 41), (Some(42), 10)] {
+        let machine = stopping_since(at(-elapsed), timeout);
+        let plan = plan(&input(&machine, instance(State::Stopping)));
+        assert_eq!(plan.step, None, "timeout {timeout:?}, elapsed {elapsed}");
+        let remaining = secs(u64::from(timeout.unwrap_or(300)) - elapsed as u64);
+        let requeue = plan.requeue.expect("a requeue while waiting for the stop");
+        assert!(requeue <= remaining && requeue > Duration::ZERO, "requeue {requeue:?}, remaining {remaining:?}");
+        assert!(requeue <= SETTINGS.progress_interval);
+        assert_eq!(cond(&plan.status, ConditionType::PowerStateSynced), Some(("False", "Stopping")));
+        assert!(plan.notes.is_empty());
+    }
+}
+
+#[test]
+fn a_stop_in_progress_counts_from_its_start() {
+    // The controller wrote the InProgress Stop (begin) and died before recording.
+    let machine = stopping_since(at(-301), None).with_status(|s| {
+        s.last_operation = last_op(Operation::Stop, OperationResult::InProgress, at(-301));
+    });
+    let plan = plan(&input(&machine, instance(State::Stopping)));
+    assert_eq!(plan.step, planned(Step::Kill, Cause::StopTimeout));
+}
+
+#[test]
+fn error_state_warns_once() {
+    let machine = was(State::Running)(Machine::test());
+    let first = plan(&input(&machine, instance(State::Error)));
+    assert_eq!(warnings(&first.notes), ["InstanceError"]);
+    assert_eq!(first.status.phase, Some(Phase::Failed));
+    let second = plan(&input_at(&feed(&machine, &first.status), instance(State::Error), at(30)));
+    assert!(second.notes.is_empty(), "{:?}", second.notes);
+    assert_eq!(second.status, first.status);
+    assert_eq!(second.step, None);
+}
+
+#[test]
+fn instance_gone_is_never_created_again() {
+    let machine = was(State::Running)(Machine::test()).with_status(|s| {
+        s.addresses = vec![Address { kind: AddressType::InternalIP, address: "192.0.2.9".into() }];
+    });
+    let first = plan(&input(&machine, instance(State::NotFound)));
+    assert_eq!(first.step, None);
+    assert_eq!(first.status.provider_id.as_deref(), Some(PROVIDER_ID), "a known providerID is never forgotten");
+    assert_eq!(cond(&first.status, ConditionType::InstanceCreated), Some(("False", "InstanceNotFound")));
+    assert!(message(&first.status, ConditionType::InstanceCreated).contains(PROVIDER_ID));
+    assert!(first.status.addresses.is_empty());
+    assert_eq!(warnings(&first.notes), ["InstanceNotFound"]);
+
+    // Whatever happens next: a new generation, time passing, a restart request.
+    let mut machine = feed(&machine, &first.status).with_generation(2).with_restart("r9", RestartMode::Hard);
+    for t in [1, 60, 3600] {
+        let next = plan(&input_at(&machine, instance(State::NotFound), at(t)));
+        assert_eq!(next.step, None);
+        assert!(next.notes.is_empty(), "warned once: {:?}", next.notes);
+        machine = feed(&machine, &next.status);
+    }
+}
+
+#[test]
+fn paused_calls_nothing_and_says_so_once() {
+    let machine = Machine::test().paused();
+    // The Kubernetes layer observes nothing while paused; even a stale observation
+    // must not lead to a step.
+    for observed in [Observed::NoInstance, instance(State::Stopped), Observed::Failed(transient())] {
+        let plan = plan(&input(&machine, observed));
+        assert_eq!(plan.step, None);
+        assert_eq!(plan.requeue, None);
+        assert_eq!(cond(&plan.status, ConditionType::Paused), Some(("True", "Paused")));
+        assert_eq!(reasons(&plan.notes), ["Paused"]);
+        assert_eq!(plan.status.failures, None);
+    }
+    let first = plan(&input(&machine, Observed::NoInstance));
+    let second = plan(&input_at(&feed(&machine, &first.status), Observed::NoInstance, at(10)));
+    assert!(second.notes.is_empty(), "Paused only on the transition: {:?}", second.notes);
+    assert_eq!(second.status, first.status);
+
+    // Resumed: the condition flips, once.
+    let resumed = feed(&machine, &second.status).unpaused();
+    let third = plan(&input(&resumed, Observed::NoInstance));
+    assert_eq!(cond(&third.status, ConditionType::Paused), Some(("False", "NotPaused")));
+    assert_eq!(reasons(&third.notes), ["Resumed"]);
+    assert_eq!(third.step, planned(Step::Create, Cause::Converge));
+    let fourth = plan(&input(&feed(&resumed, &third.status), Observed::NoInstance));
+    assert!(!reasons(&fourth.notes).contains(&"Resumed"));
+}
+
+#[test]
+fn paused_running_machine_keeps_its_status_otherwise() {
+    let converged = converged(Machine::test(), State::Running);
+    let paused = converged.clone().paused();
+    let plan = plan(&input(&paused, Observed::NoInstance));
+    let mut expected = converged.status.clone().unwrap();
+    crate::api::set_condition(
+        &mut expected.conditions,
+        ConditionType::Paused,
+        true,
+        "Paused",
+        message(&plan.status, ConditionType::Paused),
+        1,
+        now(),
+    );
+    assert_eq!(plan.status, expected, "only the Paused condition changes");
+}
+
+#[test]
+fn invalid_spec_names_the_field_and_warns_once() {
+    let machine = was(State::Running)(Machine::test());
+    let first = plan(&input(&machine, Observed::InvalidSpec(invalid_config())));
+    assert_eq!(first.step, None);
+    assert_eq!(first.requeue, None);
+    assert_eq!(cond(&first.status, ConditionType::Ready), Some(("False", "InvalidSpec")));
+    assert!(message(&first.status, ConditionType::Ready).contains("spec.driver.fake.instanceType"));
+    assert_eq!(warnings(&first.notes), ["InvalidSpec"]);
+    assert!(first.notes[0].message.contains("spec.driver.fake.instanceType"));
+    let failures = first.status.failures.clone().expect("failures recorded");
+    assert_eq!(failures.next_retry_time, None, "no retry until the spec changes");
+
+    let second = plan(&input_at(&feed(&machine, &first.status), Observed::InvalidSpec(invalid_config()), at(60)));
+    assert!(second.notes.is_empty(), "warned once: {:?}", second.notes);
+    assert_eq!(second.status, first.status);
+    assert_eq!(second.requeue, None);
+
+    // Fixed at a new generation: back to work at once.
+    let fixed = feed(&machine, &second.status).with_generation(2).with_power_state(PowerState::Stopped);
+    let third = plan(&input_at(&fixed, instance(State::Running), at(61)));
+    assert_eq!(third.step, planned(Step::Stop { escalate_after: secs(300) }, Cause::Converge));
+}
+
+#[test]
+fn provisioning_without_ssh_is_an_invalid_spec() {
+    let machine = Machine::test().with_provisioning("apt-get install -y nginx");
+    for observed in [Observed::NoInstance, instance(State::Running)] {
+        let plan = plan(&input(&machine, observed));
+        assert_eq!(plan.step, None);
+        assert_eq!(plan.requeue, None);
+        assert_eq!(cond(&plan.status, ConditionType::Ready), Some(("False", "InvalidSpec")));
+        let text = message(&plan.status, ConditionType::Ready);
+        assert!(text.contains("spec.provisioning") && text.contains("fake"), "{text}");
+        assert_eq!(warnings(&plan.notes), ["InvalidSpec"]);
+    }
+    // With a driver that offers SSH the spec is fine.
+    let ssh = Input { offers_ssh: true, ..input(&machine, Observed::NoInstance) };
+    assert_eq!(plan(&ssh).step, planned(Step::Create, Cause::Converge));
+}
+
+#[test]
+fn observation_failures_back_off_exponentially() {
+    let mut machine = was(State::Running)(Machine::test());
+    let mut when = now();
+    for (attempt, delay) in [(1, 1), (2, 2), (3, 4), (4, 8)] {
+        let plan = plan(&input_at(&machine, Observed::Failed(transient()), when));
+        assert_eq!(plan.step, None);
+        assert_eq!(plan.requeue, Some(secs(delay)));
+        let failures = plan.status.failures.clone().expect("failures");
+        assert_eq!(failures.count, attempt);
+        assert_eq!(failures.reason, "TransientError");
+        let due = Time(when + jiff::SignedDuration::from_secs(delay as i64));
+        assert_eq!(failures.next_retry_time, Some(due));
+        assert_eq!(warnings(&plan.notes), ["TransientError"]);
+        assert_eq!(plan.status.provider_id.as_deref(), Some(PROVIDER_ID));
+        machine = feed(&machine, &plan.status);
+        when += jiff::SignedDuration::from_secs(delay as i64);
+    }
+    // The next successful observation converges and forgets the failures.
+    let plan = plan(&input_at(&machine, instance(State::Running), when));
+    assert_eq!(plan.status.failures, None);
+    assert_eq!(cond(&plan.status, ConditionType::Ready), Some(("True", "Ready")));
+}
+
+#[test]
+fn drift_is_recorded_as_the_reason_of_the_start() {
+    let machine = was(State::Running)(Machine::test());
+    let plan = plan(&input(&machine, instance(State::Stopped)));
+    let note = plan.notes.iter().find(|n| n.reason == "StoppedOutOfBand").expect("a drift note");
+    assert!(note.warning);
+    assert!(message(&plan.status, ConditionType::PowerStateSynced).contains("out of band"));
+    let step = plan.step.clone().unwrap();
+    assert_eq!(step, Planned { step: Step::Start, cause: Cause::Drift });
+    let recorded = record(&input(&machine, instance(State::Stopped)), &plan, &step, Outcome::Succeeded);
+    let op = recorded.status.last_operation.expect("lastOperation");
+    assert_eq!((op.operation, op.result), (Operation::Start, OperationResult::Succeeded));
+    assert!(op.message.contains("out of band"), "{}", op.message);
+}
+
+#[test]
+fn a_stop_by_machinist_is_not_drift() {
+    // Stopped by machinist (Force: Kill), then spec.powerState flipped back to Running
+    // before the next observation: the start is convergence, not an out-of-band stop.
+    for (mode, step) in [(StopMode::Force, Step::Kill), (StopMode::Graceful, Step::Stop { escalate_after: secs(300) })]
+    {
+        let machine = was(State::Running)(Machine::test().with_power_state(PowerState::Stopped).with_stop_mode(mode));
+        let (machine, _) = step_and_record(&machine, instance(State::Running), now(), Outcome::Succeeded);
+        assert_eq!(machine.status.as_ref().unwrap().last_operation.as_ref().unwrap().operation, step.operation());
+        let flipped = machine.with_generation(2).with_power_state(PowerState::Running);
+        let plan = plan(&input_at(&flipped, instance(State::Stopped), at(1)));
+        assert_eq!(plan.step, planned(Step::Start, Cause::Converge), "{mode:?}");
+        assert!(warnings(&plan.notes).is_empty(), "{mode:?}: {:?}", plan.notes);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// record and begin
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn created_sets_the_provider_id_first_thing() {
+    let machine = Machine::test();
+    let (machine, recorded) =
+        step_and_record(&machine, Observed::NoInstance, now(), Outcome::Created("fake-new".into()));
+    let s = machine.status.as_ref().unwrap();
+    assert_eq!(s.provider_id.as_deref(), Some("fake-new"));
+    assert_eq!(cond(s, ConditionType::InstanceCreated), Some(("True", "Created")));
+    assert_eq!(s.failures, None);
+    let op = s.last_operation.as_ref().unwrap();
+    assert_eq!((op.operation, op.result), (Operation::Create, OperationResult::Succeeded));
+    assert_eq!(reasons(&recorded.notes), ["Created"]);
+    assert!(recorded.notes[0].message.contains("fake-new"));
+    assert_eq!(recorded.step, None);
+    assert_eq!(recorded.requeue, Some(SETTINGS.progress_interval));
+
+    // And the next reconcile looks it up by providerID: no second Create, no adoption.
+    let next = plan(&input_at(
+        &machine,
+        Observed::Instance { id: "fake-new".into(), state: State::Starting, addresses: None },
+        at(2),
+    ));
+    assert_eq!(next.step, None);
+    assert!(!reasons(&next.notes).contains(&"Adopted"));
+}
+
+#[test]
+fn begin_shows_the_step_in_progress() {
+    let machine = was(State::Running)(Machine::test().with_power_state(PowerState::Stopped));
+    let plan = plan(&input(&machine, instance(State::Running)));
+    let step = plan.step.clone().unwrap();
+    let begun = begin(&plan, &step, now());
+    let op = begun.last_operation.clone().unwrap();
+    assert_eq!((op.operation, op.result, op.time), (Operation::Stop, OperationResult::InProgress, Time(now())));
+    assert_eq!(begun.phase, Some(Phase::Stopping));
+    assert_eq!(MachineStatus { last_operation: plan.status.last_operation.clone(), ..begun }, plan.status);
+}
+
+/// A Machine whose Start failed with `error` after `prior_failures` earlier failures.
+fn start_failed(prior_failures: u32, error: DriverError) -> (Machine, Plan) {
+    let machine = was(State::Stopped)(Machine::test()).with_status(|s| {
+        if prior_failures > 0 {
+            s.failures = Some(Failures {
+                count: prior_failures,
+                reason: "TransientError".into(),
+                next_retry_time: Some(Time(at(-1))),
+            });
+        }
+    });
+    step_and_record(&machine, instance(State::Stopped), now(), Outcome::Failed { operation: Operation::Start, error })
+}
+
+#[test]
+fn transient_failure_counts_and_backs_off() {
+    for (prior, delay) in [(0, 1), (1, 2), (3, 8), (12, 300)] {
+        let (machine, recorded) = start_failed(prior, transient());
+        let s = machine.status.as_ref().unwrap();
+        let failures = s.failures.as_ref().unwrap();
+        assert_eq!(failures.count, prior + 1);
+        assert_eq!(failures.reason, "TransientError");
+        assert_eq!(failures.next_retry_time, Some(Time(at(delay))), "after {prior} failures");
+        assert_eq!(recorded.requeue, Some(secs(delay as u64)));
+        assert_eq!(cond(s, ConditionType::PowerStateSynced), Some(("False", "TransientError")));
+        assert_eq!(cond(s, ConditionType::Ready), Some(("False", "TransientError")));
+        assert!(message(s, ConditionType::Ready).contains("the provider timed out"));
+        let op = s.last_operation.as_ref().unwrap();
+        assert_eq!((op.operation, op.result), (Operation::Start, OperationResult::Failed));
+        assert_eq!(warnings(&recorded.notes), ["TransientError"]);
+    }
+}
+
+#[test]
+fn rate_limited_failure_honours_retry_after() {
+    for retry_after in [5, 30, 900] {
+        let (machine, recorded) = start_failed(0, rate_limited(retry_after));
+        let failures = machine.status.as_ref().unwrap().failures.clone().unwrap();
+        let due = failures.next_retry_time.expect("a retry").0;
+        assert!(due >= at(retry_after as i64), "retry at {due}, retry-after {retry_after}s");
+        assert!(recorded.requeue.unwrap() >= secs(retry_after));
+        assert_eq!(failures.reason, "RateLimited");
+    }
+}
+
+#[test]
+fn not_found_failure_is_retried() {
+    let (machine, recorded) = start_failed(0, not_found());
+    let failures = machine.status.as_ref().unwrap().failures.clone().unwrap();
+    assert_eq!(failures.next_retry_time, Some(Time(at(1))));
+    assert_eq!(recorded.requeue, Some(secs(1)));
+    assert_eq!(failures.reason, "NotFound");
+}
+
+#[test]
+fn invalid_config_failure_waits_for_a_spec_change() {
+    let (machine, recorded) = start_failed(0, invalid_config());
+    let s = machine.status.as_ref().unwrap();
+    assert_eq!(s.failures.as_ref().unwrap().next_retry_time, None);
+    assert_eq!(recorded.requeue, None);
+    assert_eq!(cond(s, ConditionType::Ready), Some(("False", "InvalidSpec")));
+    assert!(message(s, ConditionType::Ready).contains("spec.driver.fake.instanceType"));
+    assert_eq!(s.phase, Some(Phase::Failed));
+    // Not retried at the same generation, however long we wait.
+    let later = plan(&input_at(&machine, instance(State::Stopped), at(86_400)));
+    assert_eq!(later.step, None);
+    assert_eq!(later.requeue, None);
+    assert_eq!(cond(&later.status, ConditionType::Ready), Some(("False", "InvalidSpec")));
+    // Retried at once after a spec change.
+    let fixed = plan(&input_at(&machine.clone().with_generation(2), instance(State::Stopped), at(1)));
+    assert_eq!(fixed.step, planned(Step::Start, Cause::Converge));
+}
+
+#[test]
+fn not_supported_failure_is_said_and_not_retried() {
+    let machine = was(State::Running)(Machine::test().with_power_state(PowerState::Stopped));
+    let error = not_supported(Operation::Stop);
+    let (machine, recorded) = step_and_record(
+        &machine,
+        instance(State::Running),
+        now(),
+        Outcome::Failed { operation: Operation::Stop, error },
+    );
+    let s = machine.status.as_ref().unwrap();
+    assert_eq!(s.failures.as_ref().unwrap().next_retry_time, None);
+    assert_eq!(cond(s, ConditionType::PowerStateSynced), Some(("False", "NotSupported")));
+    assert_eq!(cond(s, ConditionType::Ready), Some(("False", "NotSupported")));
+    assert_eq!(recorded.requeue, Some(SETTINGS.poll_interval));
+    assert_eq!(warnings(&recorded.notes), ["NotSupported"]);
+    for t in [1, 600, 86_400] {
+        let later = plan(&input_at(&machine, instance(State::Running), at(t)));
+        assert_eq!(later.step, None, "retried after {t}s");
+        assert_eq!(cond(&later.status, ConditionType::Ready), Some(("False", "NotSupported")));
+    }
+}
+
+#[test]
+fn restart_not_supported_is_handled_once() {
+    let machine = was(State::Running)(Machine::test().with_restart("r1", RestartMode::Soft));
+    let (machine, recorded) = step_and_record(
+        &machine,
+        instance(State::Running),
+        now(),
+        Outcome::Failed { operation: Operation::Restart, error: not_supported(Operation::Restart) },
+    );
+    let s = machine.status.as_ref().unwrap();
+    assert_eq!(s.last_restart_request.as_deref(), Some("r1"));
+    assert_eq!(cond(s, ConditionType::PowerStateSynced), Some(("False", "NotSupported")));
+    assert_eq!(warnings(&recorded.notes), ["NotSupported"]);
+    let next = plan(&input_at(&machine, instance(State::Running), at(60)));
+    assert_eq!(next.step, None, "the request was handled");
+}
+
+#[test]
+fn transient_restart_failure_is_not_echoed_and_is_retried() {
+    let machine = was(State::Running)(Machine::test().with_restart("r1", RestartMode::Soft));
+    let (machine, _) = step_and_record(
+        &machine,
+        instance(State::Running),
+        now(),
+        Outcome::Failed { operation: Operation::Restart, error: transient() },
+    );
+    assert_eq!(machine.status.as_ref().unwrap().last_restart_request, None);
+    let retry = plan(&input_at(&machine, instance(State::Running), at(1)));
+    assert_eq!(retry.step, planned(Step::Restart, Cause::RestartRequest("r1".into())));
+}
+
+#[test]
+fn a_failure_holds_the_step_back_until_its_retry_is_due() {
+    // Fourth consecutive failure: retry in 8s.
+    let (machine, _) = start_failed(3, transient());
+    assert_eq!(machine.status.as_ref().unwrap().failures.as_ref().unwrap().next_retry_time, Some(Time(at(8))));
+
+    let early = plan(&input_at(&machine, instance(State::Stopped), at(3)));
+    assert_eq!(early.step, None);
+    assert_eq!(early.requeue, Some(secs(5)));
+    assert_eq!(cond(&early.status, ConditionType::Ready), Some(("False", "TransientError")));
+
+    let due = plan(&input_at(&machine, instance(State::Stopped), at(8)));
+    assert_eq!(due.step, planned(Step::Start, Cause::Converge));
+
+    let changed = machine.clone().with_generation(2);
+    let at_once = plan(&input_at(&changed, instance(State::Stopped), at(3)));
+    assert_eq!(at_once.step, planned(Step::Start, Cause::Converge), "a spec change earns an immediate attempt");
+
+    // A held-back Create too.
+    let machine = Machine::test();
+    let (machine, _) = step_and_record(
+        &machine,
+        Observed::NoInstance,
+        now(),
+        Outcome::Failed { operation: Operation::Create, error: transient() },
+    );
+    assert_eq!(
+        cond(machine.status.as_ref().unwrap(), ConditionType::InstanceCreated),
+        Some(("False", "TransientError"))
+    );
+    let early = plan(&input_at(&machine, Observed::NoInstance, now()));
+    assert_eq!((early.step, early.requeue, early.status.phase), (None, Some(secs(1)), Some(Phase::Pending)));
+    let due = plan(&input_at(&machine, Observed::NoInstance, at(1)));
+    assert_eq!(due.step, planned(Step::Create, Cause::Converge));
+}
+
+#[test]
+fn a_successful_restart_is_echoed_exactly_once() {
+    for (mode, step) in [(RestartMode::Soft, Step::Restart), (RestartMode::Hard, Step::HardRestart)] {
+        let machine = was(State::Running)(Machine::test().with_restart("r1", mode));
+        let input = input(&machine, instance(State::Running));
+        let plan = plan(&input);
+        let planned = plan.step.clone().unwrap();
+        assert_eq!(planned.step, step);
+        let recorded = record(&input, &plan, &planned, Outcome::Succeeded);
+        assert_eq!(recorded.status.last_restart_request.as_deref(), Some("r1"));
+        assert_eq!(reasons(&recorded.notes), ["Restarted"]);
+        assert_eq!(recorded.status.phase, Some(Phase::Restarting));
+
+        let machine = feed(&machine, &recorded.status);
+        for state in [State::Starting, State::Running, State::Running] {
+            let next = super::plan(&input_at(&machine, instance(state), at(2)));
+            assert_eq!(next.step, None, "{mode:?}: restarted again in {state}");
+        }
+        // A new request is a new restart.
+        let again = machine.clone().with_generation(2).with_restart("r2", mode);
+        let next = super::plan(&input_at(&again, instance(State::Running), at(4)));
+        assert_eq!(next.step, Some(Planned { step, cause: Cause::RestartRequest("r2".into()) }));
+    }
+}
+
+#[test]
+fn hard_restart_whose_kill_failed_is_not_echoed() {
+    let machine = was(State::Running)(Machine::test().with_restart("r1", RestartMode::Hard));
+    let (machine, _) = step_and_record(
+        &machine,
+        instance(State::Running),
+        now(),
+        Outcome::Failed { operation: Operation::Kill, error: transient() },
+    );
+    assert_eq!(machine.status.as_ref().unwrap().last_restart_request, None);
+    let retry = plan(&input_at(&machine, instance(State::Running), at(1)));
+    assert_eq!(retry.step, planned(Step::HardRestart, Cause::RestartRequest("r1".into())));
+}
+
+#[test]
+fn hard_restart_whose_start_failed_is_echoed_and_converges_by_start() {
+    let machine = was(State::Running)(Machine::test().with_restart("r1", RestartMode::Hard));
+    let (machine, _) = step_and_record(
+        &machine,
+        instance(State::Running),
+        now(),
+        Outcome::Failed { operation: Operation::Start, error: transient() },
+    );
+    assert_eq!(machine.status.as_ref().unwrap().last_restart_request.as_deref(), Some("r1"));
+    // Killed, so found stopped: started (after the backoff), not restarted, and no drift.
+    let early = plan(&input_at(&machine, instance(State::Stopped), now()));
+    assert_eq!(early.step, None);
+    assert!(warnings(&early.notes).is_empty(), "{:?}", early.notes);
+    let retry = plan(&input_at(&feed(&machine, &early.status), instance(State::Stopped), at(1)));
+    assert_eq!(retry.step, planned(Step::Start, Cause::Converge));
+}
+
+#[test]
+fn stop_escalated_is_recorded_as_a_kill() {
+    let machine = was(State::Running)(Machine::test().with_power_state(PowerState::Stopped).with_stop_timeout(5));
+    let (machine, recorded) = step_and_record(&machine, instance(State::Running), now(), Outcome::StopEscalated);
+    let op = machine.status.as_ref().unwrap().last_operation.clone().unwrap();
+    assert_eq!((op.operation, op.result), (Operation::Kill, OperationResult::Succeeded));
+    assert_eq!(warnings(&recorded.notes), ["StopTimedOut"]);
+    let next = plan(&input_at(&machine, instance(State::Stopped), at(1)));
+    assert_eq!((next.step, next.status.phase), (None, Some(Phase::Stopped)));
+}
+
+// ---------------------------------------------------------------------------------------
+// Cleanup
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn orphan_finalizes_without_the_driver() {
+    for observed in [Observed::NoInstance, instance(State::Running), Observed::Failed(transient())] {
+        let machine = was(State::Running)(Machine::test()).orphan().deleting();
+        let plan = plan_cleanup(&input(&machine, observed));
+        assert_eq!(plan.next, CleanupNext::Finalize);
+        assert_eq!(reasons(&plan.notes), ["Orphaned"]);
+        assert!(plan.notes[0].message.contains(PROVIDER_ID));
+        assert_eq!(cond(&plan.status, ConditionType::Deleting), Some(("True", "Orphaning")));
+        assert_eq!(plan.status.phase, Some(Phase::Deleting));
+        assert_eq!(cond(&plan.status, ConditionType::Ready), Some(("False", "Deleting")));
+    }
+}
+
+#[test]
+fn delete_removes_the_instance() {
+    for state in [State::Running, State::Stopped, State::Stopping, State::Error] {
+        let machine = was(State::Running)(Machine::test()).deleting();
+        let plan = plan_cleanup(&input(&machine, instance(state)));
+        assert_eq!(plan.next, CleanupNext::Remove(PROVIDER_ID.into()), "{state}");
+        assert_eq!(cond(&plan.status, ConditionType::Deleting), Some(("True", "Removing")));
+        assert!(plan.notes.is_empty());
+    }
+    // Found by UID (no providerID yet): removed all the same.
+    let machine = Machine::test().deleting();
+    let observed = Observed::Instance { id: "fake-found".into(), state: State::Running, addresses: None };
+    assert_eq!(plan_cleanup(&input(&machine, observed)).next, CleanupNext::Remove("fake-found".into()));
+    // Observation failed but the id is known: Remove needs nothing else.
+    let machine = was(State::Running)(Machine::test()).deleting();
+    assert_eq!(
+        plan_cleanup(&input(&machine, Observed::Failed(transient()))).next,
+        CleanupNext::Remove(PROVIDER_ID.into())
+    );
+}
+
+#[test]
+fn a_live_failure_does_not_hold_back_remove_once_deletion_bumped_the_generation() {
+    // Stop was NotSupported at generation 1: no retry until the spec changes.
+    let machine = was(State::Running)(Machine::test()).with_status(|s| {
+        s.failures = Some(Failures { count: 1, reason: "NotSupported".into(), next_retry_time: None });
+        crate::api::set_condition(&mut s.conditions, ConditionType::Ready, false, "NotSupported", "", 1, at(-60));
+    });
+    // Setting deletionTimestamp bumps metadata.generation (the API server's markAsDeleting).
+    let deleted = machine.clone().deleting().with_generation(2);
+    assert_eq!(plan_cleanup(&input(&deleted, instance(State::Running))).next, CleanupNext::Remove(PROVIDER_ID.into()));
+    // Without the bump the Remove would wait for a spec change.
+    let unbumped = machine.deleting();
+    assert_eq!(plan_cleanup(&input(&unbumped, instance(State::Running))).next, CleanupNext::Wait(None));
+}
+
+#[test]
+fn nothing_to_remove_finalizes() {
+    let machine = Machine::test().deleting();
+    let plan = plan_cleanup(&input(&machine, Observed::NoInstance));
+    assert_eq!(plan.next, CleanupNext::Finalize);
+    let machine = was(State::Running)(Machine::test()).deleting();
+    let plan = plan_cleanup(&input(&machine, instance(State::NotFound)));
+    assert_eq!(plan.next, CleanupNext::Finalize);
+    assert_eq!(reasons(&plan.notes), ["Removed"]);
+}
+
+#[test]
+fn paused_deletion_waits_for_a_change() {
+    let machine = was(State::Running)(Machine::test()).deleting().paused();
+    let plan = plan_cleanup(&input(&machine, Observed::NoInstance));
+    assert_eq!(plan.next, CleanupNext::Wait(None));
+    assert_eq!(cond(&plan.status, ConditionType::Paused), Some(("True", "Paused")));
+    assert_eq!(cond(&plan.status, ConditionType::Deleting), Some(("True", "Paused")));
+}
+
+#[test]
+fn invalid_spec_deletion() {
+    let machine = Machine::test().deleting();
+    let plan = plan_cleanup(&input(&machine, Observed::InvalidSpec(invalid_config())));
+    assert_eq!(plan.next, CleanupNext::Finalize, "nothing was ever created");
+
+    let machine = was(State::Running)(Machine::test()).deleting();
+    let first = plan_cleanup(&input(&machine, Observed::InvalidSpec(invalid_config())));
+    assert_eq!(first.next, CleanupNext::Wait(None));
+    assert_eq!(cond(&first.status, ConditionType::Deleting), Some(("True", "InvalidSpec")));
+    let text = message(&first.status, ConditionType::Deleting);
+    assert!(text.contains(PROVIDER_ID) && text.contains("spec.driver") && text.contains("Orphan"), "{text}");
+    assert_eq!(warnings(&first.notes), ["InvalidSpec"]);
+    let second = plan_cleanup(&input(&feed(&machine, &first.status), Observed::InvalidSpec(invalid_config())));
+    assert!(second.notes.is_empty(), "warned once: {:?}", second.notes);
+    assert_eq!(second.status, first.status);
+}
+
+#[test]
+fn failed_observation_without_an_id_backs_off() {
+    let machine = Machine::test().deleting();
+    let plan = plan_cleanup(&input(&machine, Observed::Failed(not_found())));
+    assert_eq!(plan.next, CleanupNext::Wait(Some(secs(1))));
+    assert_eq!(plan.status.failures.as_ref().unwrap().count, 1);
+    assert_eq!(cond(&plan.status, ConditionType::Deleting), Some(("True", "NotFound")));
+}
+
+#[test]
+fn record_cleanup_failure_keeps_the_finalizer_and_backs_off() {
+    let machine = was(State::Running)(Machine::test()).deleting();
+    let input = input(&machine, instance(State::Running));
+    let plan = plan_cleanup(&input);
+    let failed = Outcome::Failed { operation: Operation::Remove, error: transient() };
+    let recorded = record_cleanup(&input, &plan, PROVIDER_ID, failed);
+    assert_eq!(recorded.next, CleanupNext::Wait(Some(secs(1))));
+    let failures = recorded.status.failures.clone().unwrap();
+    assert_eq!((failures.count, failures.next_retry_time), (1, Some(Time(at(1)))));
+    assert_eq!(cond(&recorded.status, ConditionType::Deleting), Some(("True", "TransientError")));
+    assert!(message(&recorded.status, ConditionType::Deleting).contains("finalizer"));
+    assert_eq!(warnings(&recorded.notes), ["TransientError"]);
+
+    // Held back until the retry is due, then removed again.
+    let machine = feed(&machine, &recorded.status);
+    assert_eq!(
+        plan_cleanup(&input_at(&machine, instance(State::Running), now())).next,
+        CleanupNext::Wait(Some(secs(1)))
+    );
+    assert_eq!(
+        plan_cleanup(&input_at(&machine, instance(State::Running), at(1))).next,
+        CleanupNext::Remove(PROVIDER_ID.into())
+    );
+
+    // Not retryable: still waits (for the backoff cap), never finalizes.
+    let failed = Outcome::Failed { operation: Operation::Remove, error: not_supported(Operation::Remove) };
+    let recorded = record_cleanup(&input, &plan, PROVIDER_ID, failed);
+    assert_eq!(recorded.next, CleanupNext::Wait(Some(SETTINGS.backoff_cap)));
+}
+
+#[test]
+fn record_cleanup_success_finalizes() {
+    let machine = was(State::Running)(Machine::test()).deleting().with_status(|s| {
+        s.failures = Some(Failures { count: 2, reason: "TransientError".into(), next_retry_time: Some(Time(at(-1))) });
+    });
+    let input = input(&machine, instance(State::Running));
+    let plan = plan_cleanup(&input);
+    assert_eq!(plan.next, CleanupNext::Remove(PROVIDER_ID.into()));
+    let recorded = record_cleanup(&input, &plan, PROVIDER_ID, Outcome::Succeeded);
+    assert_eq!(recorded.next, CleanupNext::Finalize);
+    assert_eq!(reasons(&recorded.notes), ["Removed"]);
+    assert_eq!(recorded.status.failures, None);
+    let op = recorded.status.last_operation.unwrap();
+    assert_eq!((op.operation, op.result), (Operation::Remove, OperationResult::Succeeded));
+}
+
+// ---------------------------------------------------------------------------------------
+// No writes when nothing changed
+// ---------------------------------------------------------------------------------------
+
+/// Drives `machine` from nothing through the observations (create, boot, stop as the
+/// spec asks), recording every step as succeeded, 2s apart; returns it with the status
+/// written last.
+fn drive(mut machine: Machine, observations: &[Observed]) -> Machine {
+    let mut when = at(-100);
+    for observed in observations {
+        let input = input_at(&machine, observed.clone(), when);
+        let plan = plan(&input);
+        let status = match &plan.step {
+            None => plan.status.clone(),
+            Some(step) => {
+                let outcome = match step.step {
+                    Step::Create => Outcome::Created(PROVIDER_ID.into()),
+                    _ => Outcome::Succeeded,
+                };
+                record(&input, &plan, step, outcome).status
+            }
+        };
+        machine = feed(&machine, &status);
+        when += jiff::SignedDuration::from_secs(2);
+    }
+    machine
+}
+
+/// A Machine converged on `state` (Running or Stopped) as a previous plan wrote it.
+fn converged(machine: Machine, state: State) -> Machine {
+    let path: Vec<Observed> = match state {
+        State::Running => vec![Observed::NoInstance, instance(State::Starting), instance(State::Running)],
+        State::Stopped => vec![
+            Observed::NoInstance,
+            instance(State::Starting),
+            instance(State::Running),
+            instance(State::Stopping),
+            instance(State::Stopped),
+        ],
+        other => panic!("no path to {other}"),
+    };
+    let desired = if state == State::Running { PowerState::Running } else { PowerState::Stopped };
+    drive(machine.with_power_state(desired), &path)
+}
+
+#[test]
+fn converged_machine_plans_no_change() {
+    for (state, phase) in [(State::Running, Phase::Running), (State::Stopped, Phase::Stopped)] {
+        let machine = converged(Machine::test(), state);
+        let prior = machine.status.clone().unwrap();
+        assert_eq!(prior.phase, Some(phase));
+        assert_eq!(prior.state, Some(state));
+        assert_eq!(cond(&prior, ConditionType::PowerStateSynced).unwrap().0, "True");
+        for when in [now(), at(60), at(86_400)] {
+            let plan = plan(&input_at(&machine, instance(state), when));
+            assert_eq!(plan.step, None, "{state}");
+            assert_eq!(plan.status, prior, "{state}: a converged Machine must not change its status");
+            assert!(plan.notes.is_empty(), "{state}: {:?}", plan.notes);
+            assert_eq!(plan.requeue, Some(SETTINGS.poll_interval));
+        }
+    }
+}
+
+#[test]
+fn converged_machine_plans_no_change_after_a_json_roundtrip() {
+    for state in [State::Running, State::Stopped] {
+        let machine = converged(Machine::test(), state);
+        let stored = roundtrip(machine.status.as_ref().unwrap());
+        // Whole-second times survive the API server unchanged.
+        assert_eq!(&stored, machine.status.as_ref().unwrap(), "{state}");
+        let machine = machine.clone().with_full_status(Some(stored.clone()));
+        let plan = plan(&input_at(&machine, instance(state), at(120)));
+        assert_eq!(plan.step, None);
+        assert_eq!(plan.status, stored, "{state}");
+        assert!(plan.notes.is_empty(), "{state}: {:?}", plan.notes);
+    }
+}
+
+#[test]
+fn converged_running_with_addresses_plans_no_change() {
+    let addresses = vec![
+        Address { kind: AddressType::InternalIP, address: "192.0.2.7".into() },
+        Address { kind: AddressType::Hostname, address: "fake.machinist.internal".into() },
+    ];
+    let observed = Observed::Instance { id: PROVIDER_ID.into(), state: State::Running, addresses: Some(addresses) };
+    let machine = drive(Machine::test(), &[Observed::NoInstance, observed.clone(), observed.clone()]);
+    let stored = roundtrip(machine.status.as_ref().unwrap());
+    let plan = plan(&input_at(&machine.clone().with_full_status(Some(stored.clone())), observed, at(60)));
+    assert_eq!(plan.status, stored);
+    assert!(plan.notes.is_empty());
+}
+
+#[test]
+fn restart_request_skipped_while_stopped_plans_no_change_afterwards() {
+    let machine = converged(Machine::test(), State::Stopped).with_generation(2).with_restart("r1", RestartMode::Soft);
+    let first = plan(&input(&machine, instance(State::Stopped)));
+    assert_eq!(reasons(&first.notes), ["RestartSkipped"]);
+    assert_eq!(first.status.last_restart_request.as_deref(), Some("r1"));
+    let machine = feed(&machine, &first.status);
+    let second = plan(&input_at(&machine, instance(State::Stopped), at(60)));
+    assert_eq!(second.status, first.status);
+    assert!(second.notes.is_empty());
+    // Started later: the skipped request does not restart it.
+    let running = drive(
+        machine.with_generation(3).with_power_state(PowerState::Running),
+        &[instance(State::Stopped), instance(State::Starting), instance(State::Running)],
+    );
+    let plan = plan(&input(&running, instance(State::Running)));
+    assert_eq!(plan.step, None);
+}
+
+// ---------------------------------------------------------------------------------------
+// A stop that does not finish
+// ---------------------------------------------------------------------------------------
+
+/// Follows the requeues of `machine` observed in `state` (each plan's status written,
+/// steps recorded with `outcome`) from `from` until a step is planned; returns the step
+/// and when, or `None` if none comes within `horizon` seconds.
+fn first_step_within(
+    mut machine: Machine,
+    state: State,
+    from: jiff::Timestamp,
+    horizon: i64,
+) -> Option<(Planned, jiff::Timestamp)> {
+    let mut when = from;
+    while when <= from + jiff::SignedDuration::from_secs(horizon) {
+        let plan = plan(&input_at(&machine, instance(state), when));
+        if let Some(step) = plan.step {
+            return Some((step, when));
+        }
+        machine = feed(&machine, &plan.status);
+        let wait = plan.requeue.unwrap_or(SETTINGS.poll_interval).as_secs().max(1);
+        when += jiff::SignedDuration::from_secs(wait as i64);
+    }
+    None
+}
+
+#[test]
+fn a_failed_kill_after_a_stop_timeout_is_retried() {
+    // Graceful stop asked at -400; the guest ignores it; killed at 0, which fails.
+    let machine = was(State::Running)(Machine::test().with_power_state(PowerState::Stopped));
+    let (machine, _) = step_and_record(&machine, instance(State::Running), at(-400), Outcome::Succeeded);
+    let (machine, _) = step_and_record(
+        &machine,
+        instance(State::Stopping),
+        now(),
+        Outcome::Failed { operation: Operation::Kill, error: transient() },
+    );
+    let (step, when) = first_step_within(machine, State::Stopping, now(), 600).expect("the Kill is retried");
+    assert_eq!(step, Planned { step: Step::Kill, cause: Cause::StopTimeout });
+    assert_eq!(when, at(1), "retried when the backoff is over");
+}
+
+#[test]
+fn a_hung_graceful_stop_is_killed_even_when_running_is_desired_again() {
+    // Graceful stop asked at -400; the guest ignores it; then spec.powerState: Running.
+    let machine = was(State::Running)(Machine::test().with_power_state(PowerState::Stopped));
+    let (machine, _) = step_and_record(&machine, instance(State::Running), at(-400), Outcome::Succeeded);
+    let machine = machine.with_generation(2).with_power_state(PowerState::Running);
+    let (step, _) = first_step_within(machine.clone(), State::Stopping, now(), 600).expect("not stuck in Stopping");
+    assert_eq!(step, Planned { step: Step::Kill, cause: Cause::StopTimeout });
+    // Killed: then started.
+    let (machine, _) = step_and_record(&machine, instance(State::Stopping), now(), Outcome::Succeeded);
+    let next = plan(&input_at(&machine, instance(State::Stopped), at(2)));
+    assert_eq!(next.step, planned(Step::Start, Cause::Converge));
+}
+
+#[test]
+fn an_observation_failure_does_not_lose_the_stop_timeout() {
+    // Graceful stop asked at -100 (timeout 300s); an observation fails at -50.
+    let machine = was(State::Running)(Machine::test().with_power_state(PowerState::Stopped));
+    let (machine, _) = step_and_record(&machine, instance(State::Running), at(-100), Outcome::Succeeded);
+    let failed = plan(&input_at(&machine, Observed::Failed(transient()), at(-50)));
+    let machine = feed(&machine, &failed.status);
+    let (step, when) = first_step_within(machine, State::Stopping, at(-49), 3600).expect("escalated after all");
+    assert_eq!(step, Planned { step: Step::Kill, cause: Cause::StopTimeout });
+    // At the latest one stop timeout after the first observation that worked again.
+    assert!(when <= at(-49 + 300), "killed at {when}, more than the stop timeout after the failure");
+}
+
+#[test]
+fn a_kill_that_does_not_finish_is_not_repeated_in_a_loop() {
+    // Force stop: Kill succeeded at 0, the provider still reports Stopping for a while.
+    let machine =
+        was(State::Running)(Machine::test().with_power_state(PowerState::Stopped).with_stop_mode(StopMode::Force));
+    let (machine, _) = step_and_record(&machine, instance(State::Running), now(), Outcome::Succeeded);
+    let mut machine = machine;
+    for t in [2, 4, 30, 120, 299] {
+        let plan = plan(&input_at(&machine, instance(State::Stopping), at(t)));
+        assert_eq!(plan.step, None, "killed again after {t}s");
+        machine = feed(&machine, &plan.status);
+    }
+}
+
+#[test]
+fn the_stop_timeout_warning_is_not_repeated_while_the_kill_is_held_back() {
+    let machine = was(State::Running)(Machine::test().with_power_state(PowerState::Stopped));
+    let (machine, _) = step_and_record(&machine, instance(State::Running), at(-400), Outcome::Succeeded);
+    let (mut machine, _) = step_and_record(
+        &machine,
+        instance(State::Stopping),
+        now(),
+        Outcome::Failed { operation: Operation::Kill, error: DriverError::transient("busy") },
+    );
+    // Fail a few more times: each retry is held back for a while.
+    let mut when = now();
+    for _ in 0..3 {
+        let due = machine.status.as_ref().unwrap().failures.as_ref().unwrap().next_retry_time.clone().unwrap().0;
+        while when < due {
+            let plan = plan(&input_at(&machine, instance(State::Stopping), when));
+            assert_eq!(plan.step, None);
+            assert!(plan.notes.is_empty(), "while held back: {:?}", plan.notes);
+            machine = feed(&machine, &plan.status);
+            when += jiff::SignedDuration::from_secs(1);
+        }
+        let (next, _) = step_and_record(
+            &machine,
+            instance(State::Stopping),
+            when,
+            Outcome::Failed { operation: Operation::Kill, error: DriverError::transient("busy") },
+        );
+        machine = next;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Simulation: a Machine against a tiny in-memory model of its instance
+// ---------------------------------------------------------------------------------------
+
+mod simulation {
+    use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+    use jiff::{SignedDuration, Timestamp};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// How long the model's instance takes to finish Starting or Stopping.
+    const SETTLE_SECS: i64 = 3;
+
+    #[derive(Clone, Copy, Debug)]
+    enum Failure {
+        Transient,
+        RateLimited(u64),
+    }
+
+    impl Failure {
+        fn error(self) -> DriverError {
+            match self {
+                Failure::Transient => DriverError::transient("injected"),
+                Failure::RateLimited(s) => rate_limited(s),
+            }
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Event {
+        /// Someone changes the instance behind machinist's back.
+        OutOfBand(State),
+        /// The instance is deleted at the provider.
+        Vanish,
+        FlipDesired,
+        /// A new `spec.restartRequest` value.
+        RestartRequest,
+        /// The next observation fails.
+        FailObserve(Failure),
+        /// The next call that changes the instance fails.
+        FailCall(Failure),
+        /// The controller dies right after its next driver call: nothing is recorded.
+        Crash,
+        Advance(u64),
+        Reconcile,
+    }
+
+    fn failure() -> impl Strategy<Value = Failure> {
+        prop_oneof![3 => Just(Failure::Transient), 1 => (1u64..40).prop_map(Failure::RateLimited)]
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        let states =
+            vec![State::Running, State::Stopped, State::Stopping, State::Starting, State::Paused, State::Saved];
+        prop_oneof![
+            24 => prop::sample::select(states).prop_map(Event::OutOfBand),
+            1 => Just(Event::Vanish),
+            18 => Just(Event::FlipDesired),
+            15 => Just(Event::RestartRequest),
+            12 => failure().prop_map(Event::FailObserve),
+            18 => failure().prop_map(Event::FailCall),
+            6 => Just(Event::Crash),
+            24 => (1u64..400).prop_map(Event::Advance),
+            18 => Just(Event::Reconcile),
+        ]
+    }
+
+    #[derive(Clone, Debug)]
+    struct Setup {
+        desired: PowerState,
+        stop_mode: StopMode,
+        restart_mode: RestartMode,
+        stop_timeout: Option<u32>,
+        /// The guest ignores graceful stops: Stopping until killed.
+        ignores_graceful_stop: bool,
+        /// The controller dies right after its first Create (adoption follows).
+        crash_on_create: bool,
+        jitter: f64,
+    }
+
+    fn setup() -> impl Strategy<Value = Setup> {
+        (
+            prop_oneof![Just(PowerState::Running), Just(PowerState::Stopped)],
+            prop_oneof![Just(StopMode::Graceful), Just(StopMode::Force)],
+            prop_oneof![Just(RestartMode::Soft), Just(RestartMode::Hard)],
+            prop_oneof![Just(None), Just(Some(5)), Just(Some(30))],
+            any::<bool>(),
+            any::<bool>(),
+            0.0..1.0f64,
+        )
+            .prop_map(
+                |(desired, stop_mode, restart_mode, stop_timeout, ignores_graceful_stop, crash_on_create, jitter)| {
+                    Setup {
+                        desired,
+                        stop_mode,
+                        restart_mode,
+                        stop_timeout,
+                        ignores_graceful_stop,
+                        crash_on_create,
+                        jitter,
+                    }
+                },
+            )
+    }
+
+    #[derive(Clone, Debug)]
+    struct Instance {
+        id: String,
+        state: State,
+        /// A transition under way: the state it reaches, and when.
+        settles: Option<(Timestamp, State)>,
+    }
+
+    struct Sim {
+        machine: Machine,
+        now: Timestamp,
+        jitter: f64,
+        ignores_graceful_stop: bool,
+        /// The provider: at most one instance, tagged with the Machine's UID.
+        instance: Option<Instance>,
+        created: u32,
+        observe_failures: VecDeque<Failure>,
+        call_failures: VecDeque<Failure>,
+        crash_next: bool,
+        requests: u32,
+        /// How often each restart request was carried out at the provider.
+        performed: BTreeMap<String, u32>,
+        /// Requests whose step ran in a reconcile that crashed before recording.
+        crashed: BTreeSet<String>,
+        /// An out-of-band stop happened since the instance was last seen running.
+        stopped_out_of_band: bool,
+        log: Vec<String>,
+    }
+
+    /// What one reconcile did.
+    struct Reconciled {
+        plan: Plan,
+        requeue: Option<Duration>,
+    }
+
+    impl Sim {
+        fn new(setup: &Setup) -> Self {
+            let mut machine = Machine::test().with_power_state(setup.desired).with_stop_mode(setup.stop_mode);
+            machine.spec.restart_mode = setup.restart_mode;
+            machine.spec.stop_timeout_seconds = setup.stop_timeout;
+            Sim {
+                machine,
+                now: now(),
+                jitter: setup.jitter,
+                ignores_graceful_stop: setup.ignores_graceful_stop,
+                instance: None,
+                created: 0,
+                observe_failures: VecDeque::new(),
+                call_failures: VecDeque::new(),
+                crash_next: setup.crash_on_create,
+                requests: 0,
+                performed: BTreeMap::new(),
+                crashed: BTreeSet::new(),
+                stopped_out_of_band: false,
+                log: Vec::new(),
+            }
+        }
+
+        fn advance(&mut self, d: Duration) {
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            self.now += SignedDuration::from_secs(secs.max(1) as i64);
+        }
+
+        fn settle(&mut self) {
+            let now = self.now;
+            if let Some(i) = self.instance.as_mut()
+                && let Some((when, to)) = i.settles
+                && when <= now
+            {
+                i.state = to;
+                i.settles = None;
+            }
+        }
+
+        fn set_state(&mut self, state: State) {
+            let now = self.now;
+            let Some(i) = self.instance.as_mut() else { return };
+            i.state = state;
+            let after = now + SignedDuration::from_secs(SETTLE_SECS);
+            i.settles = match state {
+                State::Starting => Some((after, State::Running)),
+                State::Stopping => Some((after, State::Stopped)),
+                _ => None,
+            };
+        }
+
+        fn apply(&mut self, event: &Event) {
+            self.settle();
+            match event {
+                Event::OutOfBand(state) => {
+                    if self.instance.is_some() {
+                        if !matches!(state, State::Running | State::Starting) {
+                            self.stopped_out_of_band = true;
+                        }
+                        self.set_state(*state);
+                    }
+                }
+                Event::Vanish => self.instance = None,
+                Event::FlipDesired => {
+                    let spec = &mut self.machine.spec;
+                    spec.power_state = match spec.power_state {
+                        PowerState::Running => PowerState::Stopped,
+                        PowerState::Stopped => PowerState::Running,
+                    };
+                    self.bump_generation();
+                }
+                Event::RestartRequest => {
+                    self.requests += 1;
+                    self.machine.spec.restart_request = Some(format!("r{}", self.requests));
+                    self.bump_generation();
+                }
+                Event::FailObserve(f) => self.observe_failures.push_back(*f),
+                Event::FailCall(f) => self.call_failures.push_back(*f),
+                Event::Crash => self.crash_next = true,
+                Event::Advance(s) => self.advance(Duration::from_secs(*s)),
+                Event::Reconcile => {}
+            }
+        }
+
+        fn bump_generation(&mut self) {
+            self.machine.metadata.generation = Some(self.machine.generation() + 1);
+        }
+
+        /// As the Kubernetes layer observes: by providerID when known, else by UID.
+        fn observe(&mut self) -> Observed {
+            self.settle();
+            if let Some(f) = self.observe_failures.pop_front() {
+                return Observed::Failed(f.error());
+            }
+            let known = self.machine.status.as_ref().and_then(|s| s.provider_id.clone());
+            let found = match known {
+                Some(id) => Some(match self.instance.as_ref().filter(|i| i.id == id) {
+                    Some(i) => (i.id.clone(), i.state),
+                    None => (id, State::NotFound),
+                }),
+                None => self.instance.as_ref().map(|i| (i.id.clone(), i.state)),
+            };
+            match found {
+                None => Observed::NoInstance,
+                Some((id, state)) => {
+                    let addresses = (state == State::Running)
+                        .then(|| vec![Address { kind: AddressType::InternalIP, address: format!("192.0.2.1/{id}") }]);
+                    Observed::Instance { id, state, addresses }
+                }
+            }
+        }
+
+        fn call(&mut self, operation: Operation) -> Result<(), Outcome> {
+            match self.call_failures.pop_front() {
+                Some(f) => Err(Outcome::Failed { operation, error: f.error() }),
+                None => Ok(()),
+            }
+        }
+
+        fn performed(&mut self, cause: &Cause) {
+            if let Cause::RestartRequest(r) = cause {
+                *self.performed.entry(r.clone()).or_default() += 1;
+            }
+        }
+
+        /// The driver call(s) of `planned` against the model.
+        fn perform(&mut self, planned: &Planned) -> Outcome {
+            let result = (|| {
+                match &planned.step {
+                    Step::Create => {
+                        self.call(Operation::Create)?;
+                        assert!(self.instance.is_none(), "Create with an instance in place: {:?}", self.instance);
+                        self.created += 1;
+                        let id = format!("fake-{:04}", self.created);
+                        self.instance = Some(Instance { id: id.clone(), state: State::Running, settles: None });
+                        self.set_state(State::Starting);
+                        return Err(Outcome::Created(id));
+                    }
+                    Step::Start => {
+                        self.call(Operation::Start)?;
+                        self.performed(&planned.cause);
+                        self.set_state(State::Starting);
+                    }
+                    Step::Stop { .. } => {
+                        self.call(Operation::Stop)?;
+                        let state = self.instance.as_ref().map(|i| i.state);
+                        if state != Some(State::Stopped) {
+                            self.set_state(State::Stopping);
+                            if self.ignores_graceful_stop
+                                && let Some(i) = self.instance.as_mut()
+                            {
+                                i.settles = None;
+                            }
+                        }
+                    }
+                    Step::Kill => {
+                        self.call(Operation::Kill)?;
+                        self.set_state(State::Stopped);
+                    }
+                    Step::Restart => {
+                        self.call(Operation::Restart)?;
+                        self.performed(&planned.cause);
+                        self.set_state(State::Starting);
+                    }
+                    Step::HardRestart => {
+                        self.call(Operation::Kill)?;
+                        self.performed(&planned.cause);
+                        self.set_state(State::Stopped);
+                        self.call(Operation::Start)?;
+                        self.set_state(State::Starting);
+                    }
+                    Step::Remove => panic!("Remove planned for a live Machine"),
+                }
+                Ok(())
+            })();
+            match result {
+                Ok(()) => Outcome::Succeeded,
+                Err(outcome) => outcome,
+            }
+        }
+
+        /// One reconcile, as `k8s::machine::apply` chains it.
+        fn reconcile(&mut self) -> Reconciled {
+            let observed = self.observe();
+            let machine = self.machine.clone();
+            let input = Input {
+                machine: &machine,
+                observed: observed.clone(),
+                offers_ssh: false,
+                now: self.now,
+                jitter: self.jitter,
+                settings: &SETTINGS,
+            };
+            let plan = plan(&input);
+            self.log.push(format!(
+                "{} gen {} desired {:?} observed {:?} -> {:?} (requeue {:?}, notes {:?})",
+                self.now,
+                machine.generation(),
+                machine.spec.power_state,
+                observed,
+                plan.step,
+                plan.requeue,
+                reasons(&plan.notes)
+            ));
+
+            // (a) Create only when nothing is known and nothing was found.
+            if plan.step.as_ref().is_some_and(|p| p.step == Step::Create) {
+                let status = machine.status.as_ref();
+                assert!(status.and_then(|s| s.provider_id.as_ref()).is_none(), "Create with a providerID");
+                assert!(!matches!(observed, Observed::Instance { .. }), "Create with an instance found");
+            }
+            if let Observed::Instance { state: State::Running, .. } = observed {
+                self.stopped_out_of_band = false;
+            }
+            if reasons(&plan.notes).contains(&"StoppedOutOfBand") {
+                assert!(self.stopped_out_of_band, "a drift warning without an out-of-band stop");
+            }
+
+            let Some(planned) = plan.step.clone() else {
+                self.write(&plan.status);
+                let requeue = plan.requeue;
+                return Reconciled { plan, requeue };
+            };
+            let begun = (planned.step != Step::Create).then(|| begin(&plan, &planned, self.now));
+            if let Some(begun) = &begun {
+                self.write(begun);
+            }
+            let outcome = self.perform(&planned);
+            self.log.push(format!("    {:?} -> {:?}", planned.step, outcome));
+            if std::mem::take(&mut self.crash_next) {
+                if let Cause::RestartRequest(r) = &planned.cause {
+                    self.crashed.insert(r.clone());
+                }
+                self.log.push("    crashed".into());
+                // Restarted after a moment.
+                return Reconciled { plan, requeue: Some(Duration::from_secs(1)) };
+            }
+            let recorded = record(&input, &plan, &planned, outcome);
+            self.write(&recorded.status);
+            let requeue = recorded.requeue;
+            Reconciled { plan, requeue }
+        }
+
+        fn write(&mut self, status: &MachineStatus) {
+            self.machine.status = Some(roundtrip(status));
+        }
+
+        fn history(&self) -> String {
+            self.log.join("\n")
+        }
+    }
+
+    fn check(setup: Setup, events: Vec<Event>) {
+        let mut sim = Sim::new(&setup);
+        sim.reconcile();
+        for event in &events {
+            sim.log.push(format!("event {event:?}"));
+            sim.apply(event);
+            sim.reconcile();
+            assert!(sim.created <= 1 || sim.log.iter().any(|l| l.contains("Vanish")), "{}", sim.history());
+        }
+
+        // Events and failures stop: the loop converges within a bounded number of reconciles.
+        sim.observe_failures.clear();
+        sim.call_failures.clear();
+        sim.crash_next = false;
+        sim.log.push("-- converging".into());
+        let mut last = None;
+        for _ in 0..400 {
+            let r = sim.reconcile();
+            let status = sim.machine.status.clone().unwrap_or_default();
+            let synced = cond(&status, ConditionType::PowerStateSynced).map(|c| c.0);
+            let gone = status.provider_id.is_some() && sim.instance.is_none();
+            if r.plan.step.is_none() && (synced == Some("True") || gone) {
+                last = Some(r);
+                break;
+            }
+            let wait =
+                r.requeue.unwrap_or_else(|| panic!("stuck: nothing will wake the controller\n{}", sim.history()));
+            sim.advance(wait);
+        }
+        assert!(last.is_some(), "no convergence within 400 reconciles\n{}", sim.history());
+        let status = sim.machine.status.clone().unwrap();
+        let spec = &sim.machine.spec;
+
+        if status.provider_id.is_some() && sim.instance.is_none() {
+            // Deleted at the provider: said so, never recreated.
+            assert_eq!(cond(&status, ConditionType::InstanceCreated), Some(("False", "InstanceNotFound")));
+            assert_eq!(cond(&status, ConditionType::Ready).map(|c| c.0), Some("False"));
+        } else {
+            let instance = sim.instance.clone().expect("an instance");
+            let (state, phase, synced, ready) = match spec.power_state {
+                PowerState::Running => (State::Running, Phase::Running, "Running", ("True", "Ready")),
+                PowerState::Stopped => (State::Stopped, Phase::Stopped, "Stopped", ("False", "Stopped")),
+            };
+            let h = sim.history();
+            assert_eq!(instance.state, state, "{h}");
+            assert_eq!(status.provider_id.as_deref(), Some(instance.id.as_str()), "{h}");
+            assert_eq!(status.state, Some(state), "{h}");
+            assert_eq!(status.phase, Some(phase), "{h}");
+            assert_eq!(cond(&status, ConditionType::PowerStateSynced), Some(("True", synced)), "{h}");
+            assert_eq!(cond(&status, ConditionType::InstanceCreated), Some(("True", "Created")), "{h}");
+            assert_eq!(cond(&status, ConditionType::Ready), Some(ready), "{h}");
+            assert_eq!(status.failures, None, "{h}");
+            assert_eq!(status.observed_generation, Some(sim.machine.generation()), "{h}");
+            assert_eq!(status.last_restart_request, spec.restart_request, "every request handled\n{h}");
+        }
+
+        // Converged: a later plan changes nothing and takes no step.
+        sim.advance(SETTINGS.poll_interval);
+        let before = sim.machine.status.clone();
+        let r = sim.reconcile();
+        assert_eq!(r.plan.step, None, "{}", sim.history());
+        assert!(r.plan.notes.is_empty(), "{:?}\n{}", r.plan.notes, sim.history());
+        assert_eq!(sim.machine.status, before, "{}", sim.history());
+
+        // (d) Each restart request carried out at most once (except across a crash,
+        // where the outcome of the call was never recorded).
+        for (request, times) in &sim.performed {
+            if !sim.crashed.contains(request) {
+                assert!(*times <= 1, "restart request {request} performed {times} times\n{}", sim.history());
+            }
+        }
+    }
+
+    proptest! {
+        // No regression files: the failing case is printed, shrunk, with its history.
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn machine_converges_without_a_second_instance(
+            setup in setup(),
+            events in prop::collection::vec(event(), 0..40),
+        ) {
+            check(setup, events);
+        }
+    }
+}
