@@ -252,6 +252,9 @@ pub struct Failures {
     pub count: u32,
     /// The reason of the last failure (e.g. `TransientError`, `RateLimited`).
     pub reason: String,
+    /// What failed, as the provider said it.
+    #[serde(default)]
+    pub message: String,
     /// When the next attempt is due; absent when none will be made until the spec changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_retry_time: Option<Time>,

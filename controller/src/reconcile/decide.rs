@@ -58,10 +58,15 @@ pub fn plan(input: &Input<'_>) -> Plan {
             if !condition_is(c.status, ConditionType::Ready, "InvalidSpec", &message) {
                 notes.push(Note::warning("InvalidSpec", "Validate", message.clone()));
             }
-            c.set(ConditionType::Ready, false, "InvalidSpec", message);
+            c.set(ConditionType::Ready, false, "InvalidSpec", message.clone());
+            let message_for_failures = message;
             status.phase = Some(Phase::Failed);
-            status.failures =
-                Some(crate::api::Failures { count: 1, reason: "InvalidSpec".to_string(), next_retry_time: None });
+            status.failures = Some(crate::api::Failures {
+                count: 1,
+                reason: "InvalidSpec".to_string(),
+                message: message_for_failures.clone(),
+                next_retry_time: None,
+            });
             Plan { status, step: None, requeue: None, notes }
         }
         Observed::Failed(error) => {
@@ -76,6 +81,11 @@ pub fn plan(input: &Input<'_>) -> Plan {
             summarize_ready(&mut c, machine);
             notes.push(note);
             Plan { status, step: None, requeue: delay.or(Some(input.settings.poll_interval)), notes }
+        }
+        // A known providerID is never forgotten: its instance is gone, never recreated.
+        Observed::NoInstance if before.provider_id.is_some() => {
+            let id = before.provider_id.clone().unwrap_or_default();
+            plan_instance(input, before, status, notes, driver_name, id, State::NotFound, None)
         }
         Observed::NoInstance => {
             c.set(ConditionType::InstanceCreated, false, "Creating", "creating the instance");
@@ -296,7 +306,23 @@ fn plan_instance(
     if step.is_some() {
         if let Some(wait) = held_back(&before, machine, input.now) {
             step = None;
-            requeue = wait;
+            requeue = match wait {
+                Some(delay) => Some(delay),
+                // Not retried until the spec changes (unsupported, invalid): keep the
+                // failure's explanation, and keep watching the instance's state.
+                None => {
+                    let kept = get_condition(&before.conditions, ConditionType::PowerStateSynced).cloned();
+                    if let Some(kept) = kept {
+                        status.conditions.retain(|c| c.type_ != kept.type_);
+                        status.conditions.push(kept);
+                        let order = |c: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition| {
+                            ConditionType::ALL.iter().position(|k| k.as_str() == c.type_).unwrap_or(usize::MAX)
+                        };
+                        status.conditions.sort_by_key(order);
+                    }
+                    Some(jittered(settings.poll_interval, input.jitter))
+                }
+            };
         }
     }
     if step.is_some() {
@@ -350,6 +376,11 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
             );
             let mut c = conditions(&mut status, machine, now);
             c.set(ConditionType::InstanceCreated, true, "Created", format!("instance {id} exists"));
+            c.unknown(
+                ConditionType::PowerStateSynced,
+                "Creating",
+                "the instance was created; waiting for its first state",
+            );
             summarize_ready(&mut c, machine);
             notes.push(Note::normal("Created", "Create", format!("created instance {id}")));
             // The status write wakes the next reconcile; this is the fallback.
@@ -403,6 +434,8 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
             status.phase = Some(phase);
             let warning = reason == "StopTimedOut";
             notes.push(Note { warning, reason, action: operation.as_str(), message });
+            // The step went through: Ready no longer shows the last failure.
+            summarize_ready(&mut conditions(&mut status, machine, now), machine);
             Plan { status, step: None, requeue: progress, notes }
         }
         Outcome::Failed { operation, error } => {
@@ -416,7 +449,7 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
                 status.last_restart_request = Some(request.clone());
             }
             let reason = error_reason(&error);
-            let message = status.last_operation.as_ref().map(|o| o.message.clone()).unwrap_or_default();
+            let message = status.failures.as_ref().map(|f| f.message.clone()).unwrap_or_default();
             let mut c = conditions(&mut status, machine, now);
             match operation {
                 Operation::Create => c.set(ConditionType::InstanceCreated, false, reason, message.clone()),

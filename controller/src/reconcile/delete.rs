@@ -65,7 +65,7 @@ pub fn plan_cleanup(input: &Input<'_>) -> CleanupPlan {
         (Observed::Failed(error), None) => {
             let (delay, note) = record_failure(&mut status, input, Operation::Status, error);
             notes.push(note);
-            let message = status.last_operation.as_ref().map(|o| o.message.clone()).unwrap_or_default();
+            let message = status.failures.as_ref().map(|f| f.message.clone()).unwrap_or_default();
             conditions(&mut status, machine, input.now).set(
                 ConditionType::Deleting,
                 true,
@@ -97,7 +97,7 @@ pub fn record_cleanup(input: &Input<'_>, plan: &CleanupPlan, id: &str, outcome: 
         Outcome::Failed { error, .. } => {
             let (delay, note) = record_failure(&mut status, input, Operation::Remove, &error);
             notes.push(note);
-            let message = status.last_operation.as_ref().map(|o| o.message.clone()).unwrap_or_default();
+            let message = status.failures.as_ref().map(|f| f.message.clone()).unwrap_or_default();
             let message = format!("{message}; the finalizer stays until instance {id} is removed");
             conditions(&mut status, machine, input.now).set(
                 ConditionType::Deleting,

@@ -82,7 +82,9 @@ pub(super) fn last_operation(
 }
 
 /// Records a failed driver call: counts it, schedules the retry (none for errors that
-/// need a spec change), and words the Event. Returns the delay until the retry.
+/// need a spec change), and words the Event. A failed observation (`Status`) leaves
+/// `lastOperation` alone: it names the last operation that changed the instance.
+/// Returns the delay until the retry.
 pub(super) fn record_failure(
     status: &mut MachineStatus,
     input: &Input<'_>,
@@ -92,8 +94,6 @@ pub(super) fn record_failure(
     let count = status.failures.as_ref().map_or(0, |f| f.count) + 1;
     let delay = error.is_retryable().then(|| backoff_delay(input.settings, count, error.retry_after(), input.jitter));
     let next_retry_time = delay.map(|d| Time(input.now + SignedDuration::try_from(d).unwrap_or(SignedDuration::ZERO)));
-    let reason = error_reason(error);
-    status.failures = Some(Failures { count, reason: reason.to_string(), next_retry_time });
     let what = match delay {
         Some(d) => format!("retrying in {}s (attempt {count})", d.as_secs()),
         None => match error {
@@ -101,8 +101,15 @@ pub(super) fn record_failure(
             _ => "not retrying until the spec changes".to_string(),
         },
     };
-    let message = format!("{operation} failed: {error}; {what}");
-    last_operation(status, operation, OperationResult::Failed, message.clone(), input.now);
+    let message = match operation {
+        Operation::Status => format!("reading the instance failed: {error}; {what}"),
+        _ => format!("{operation} failed: {error}; {what}"),
+    };
+    let reason = error_reason(error);
+    status.failures = Some(Failures { count, reason: reason.to_string(), message: message.clone(), next_retry_time });
+    if operation != Operation::Status {
+        last_operation(status, operation, OperationResult::Failed, message.clone(), input.now);
+    }
     (delay, Note::warning(reason, operation.as_str(), message))
 }
 
@@ -136,8 +143,7 @@ pub(super) fn ssh_conditions(c: &mut Conditions<'_>, machine: &Machine, driver_n
 /// other conditions: running and usable, or the first reason it is not.
 pub(super) fn summarize_ready(c: &mut Conditions<'_>, machine: &Machine) {
     if let Some(failures) = &c.status.failures {
-        let reason = failures.reason.clone();
-        let message = c.status.last_operation.as_ref().map(|o| o.message.clone()).unwrap_or_default();
+        let (reason, message) = (failures.reason.clone(), failures.message.clone());
         c.set(ConditionType::Ready, false, &reason, message);
         return;
     }

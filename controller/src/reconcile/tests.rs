@@ -653,7 +653,12 @@ fn instance_found_by_uid_is_adopted_not_created() {
 fn converged_running_clears_failures_and_sets_observed_generation() {
     let address = Address { kind: AddressType::InternalIP, address: "192.0.2.7".into() };
     let machine = was(State::Running)(Machine::test().with_generation(4)).with_status(|s| {
-        s.failures = Some(Failures { count: 3, reason: "TransientError".into(), next_retry_time: Some(Time(at(-10))) });
+        s.failures = Some(Failures {
+            count: 3,
+            reason: "TransientError".into(),
+            message: String::new(),
+            next_retry_time: Some(Time(at(-10))),
+        });
         s.observed_generation = Some(2);
     });
     let observed =
@@ -958,6 +963,7 @@ fn start_failed(prior_failures: u32, error: DriverError) -> (Machine, Plan) {
             s.failures = Some(Failures {
                 count: prior_failures,
                 reason: "TransientError".into(),
+                message: String::new(),
                 next_retry_time: Some(Time(at(-1))),
             });
         }
@@ -1017,7 +1023,8 @@ fn invalid_config_failure_waits_for_a_spec_change() {
     // Not retried at the same generation, however long we wait.
     let later = plan(&input_at(&machine, instance(State::Stopped), at(86_400)));
     assert_eq!(later.step, None);
-    assert_eq!(later.requeue, None);
+    // Only the instance's state is still watched (a poll, not a retry).
+    assert_eq!(later.requeue, Some(SETTINGS.poll_interval));
     assert_eq!(cond(&later.status, ConditionType::Ready), Some(("False", "InvalidSpec")));
     // Retried at once after a spec change.
     let fixed = plan(&input_at(&machine.clone().with_generation(2), instance(State::Stopped), at(1)));
@@ -1044,7 +1051,40 @@ fn not_supported_failure_is_said_and_not_retried() {
         let later = plan(&input_at(&machine, instance(State::Running), at(t)));
         assert_eq!(later.step, None, "retried after {t}s");
         assert_eq!(cond(&later.status, ConditionType::Ready), Some(("False", "NotSupported")));
+        // The explanation stays where the power state is reported, and the state is still watched.
+        assert_eq!(cond(&later.status, ConditionType::PowerStateSynced), Some(("False", "NotSupported")));
+        assert_eq!(later.requeue, Some(SETTINGS.poll_interval));
     }
+}
+
+#[test]
+fn a_known_provider_id_without_an_instance_is_never_created_again() {
+    let machine = known(Machine::test()).with_state(State::Running);
+    let plan = plan(&input(&machine, Observed::NoInstance));
+    assert_eq!(plan.step, None);
+    assert_eq!(cond(&plan.status, ConditionType::InstanceCreated), Some(("False", "InstanceNotFound")));
+    assert_eq!(plan.status.provider_id, machine.status.as_ref().unwrap().provider_id);
+}
+
+#[test]
+fn a_failed_observation_keeps_the_last_operation() {
+    let stopped_at = at(-30);
+    let machine = was(State::Running)(Machine::test().with_power_state(PowerState::Stopped))
+        .with_status(|s| s.last_operation = last_op(Operation::Stop, OperationResult::Succeeded, stopped_at));
+    let plan = plan(&input(&machine, Observed::Failed(transient())));
+    let op = plan.status.last_operation.as_ref().unwrap();
+    assert_eq!((op.operation, op.time.0), (Operation::Stop, stopped_at));
+    let failures = plan.status.failures.as_ref().unwrap();
+    assert!(failures.message.contains("reading the instance failed"), "{}", failures.message);
+    assert_eq!(message(&plan.status, ConditionType::Ready), failures.message);
+}
+
+#[test]
+fn a_success_clears_the_failure_from_ready() {
+    let (machine, _) = start_failed(0, transient());
+    let (_, recorded) = step_and_record(&machine, instance(State::Stopped), at(60), Outcome::Succeeded);
+    assert_eq!(recorded.status.failures, None);
+    assert_ne!(cond(&recorded.status, ConditionType::Ready).map(|c| c.1), Some("TransientError"));
 }
 
 #[test]
@@ -1225,7 +1265,8 @@ fn delete_removes_the_instance() {
 fn a_live_failure_does_not_hold_back_remove_once_deletion_bumped_the_generation() {
     // Stop was NotSupported at generation 1: no retry until the spec changes.
     let machine = was(State::Running)(Machine::test()).with_status(|s| {
-        s.failures = Some(Failures { count: 1, reason: "NotSupported".into(), next_retry_time: None });
+        s.failures =
+            Some(Failures { count: 1, reason: "NotSupported".into(), message: String::new(), next_retry_time: None });
         crate::api::set_condition(&mut s.conditions, ConditionType::Ready, false, "NotSupported", "", 1, at(-60));
     });
     // Setting deletionTimestamp bumps metadata.generation (the API server's markAsDeleting).
@@ -1317,7 +1358,12 @@ fn record_cleanup_failure_keeps_the_finalizer_and_backs_off() {
 #[test]
 fn record_cleanup_success_finalizes() {
     let machine = was(State::Running)(Machine::test()).deleting().with_status(|s| {
-        s.failures = Some(Failures { count: 2, reason: "TransientError".into(), next_retry_time: Some(Time(at(-1))) });
+        s.failures = Some(Failures {
+            count: 2,
+            reason: "TransientError".into(),
+            message: String::new(),
+            next_retry_time: Some(Time(at(-1))),
+        });
     });
     let input = input(&machine, instance(State::Running));
     let plan = plan_cleanup(&input);
