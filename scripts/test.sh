@@ -29,5 +29,8 @@ if [ -n "$duplicates" ]; then
 fi
 echo ok
 
+step "Helm chart and Dockerfile (helm lint/template, Kubernetes API schemas)"
+scripts/test-chart.sh
+
 step "tests"
 cargo nextest run --workspace --locked --no-fail-fast
