@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the Machine CRD (YAML), e.g. `machinist crd | kubectl apply -f -`.
     Crd,
 }
@@ -115,7 +115,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run_controller(args: RunArgs) -> anyhow::Result<()> {
+async fn run_controller(args: Box<RunArgs>) -> anyhow::Result<()> {
     let client = client(&args).await?;
     let pod = std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok());
     let leader_election = args.leader_elect.then(|| LeaderElectionConfig {

@@ -173,13 +173,13 @@ pub async fn run(
     }
 }
 
-fn log_result<E: std::fmt::Display>(
-    result: Result<
-        (kube::runtime::reflector::ObjectRef<DeserializeGuard<Machine>>, kube::runtime::controller::Action),
-        controller::Error<k8s::Error, E>,
-    >,
-    metrics: &Metrics,
-) {
+/// One item of the controller's output stream.
+type Reconciled<E> = Result<
+    (kube::runtime::reflector::ObjectRef<DeserializeGuard<Machine>>, kube::runtime::controller::Action),
+    controller::Error<k8s::Error, E>,
+>;
+
+fn log_result<E: std::fmt::Display>(result: Reconciled<E>, metrics: &Metrics) {
     match result {
         Ok((object, _)) => debug!(machine = %object, "reconciled"),
         Err(controller::Error::ObjectNotFound(object)) => debug!(machine = %object, "gone before its reconcile"),

@@ -34,7 +34,7 @@ pub const KUBECONFIG_ENV: &str = "MACHINIST_E2E_KUBECONFIG";
 /// Where the suite runs.
 pub enum Backend {
     /// The cluster of `MACHINIST_E2E_KUBECONFIG`.
-    Cluster(kube::config::Kubeconfig),
+    Cluster(Box<kube::config::Kubeconfig>),
     /// The in-process test server, on a runtime of its own that lives as long as the
     /// process (each `#[tokio::test]` has its own runtime, and tests share the server).
     TestServer(&'static TestApiServer),
@@ -49,10 +49,10 @@ fn shared_backend() -> Result<&'static Backend> {
     }
     init_logging();
     let backend = match std::env::var_os(KUBECONFIG_ENV) {
-        Some(path) => Backend::Cluster(
+        Some(path) => Backend::Cluster(Box::new(
             kube::config::Kubeconfig::read_from(&path)
                 .with_context(|| format!("reading {KUBECONFIG_ENV}={}", path.to_string_lossy()))?,
-        ),
+        )),
         None => {
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
@@ -78,7 +78,9 @@ fn shared_backend() -> Result<&'static Backend> {
 pub async fn client() -> Result<(Client, &'static Backend)> {
     let backend = shared_backend()?;
     let config = match backend {
-        Backend::Cluster(kubeconfig) => Config::from_custom_kubeconfig(kubeconfig.clone(), &Default::default()).await?,
+        Backend::Cluster(kubeconfig) => {
+            Config::from_custom_kubeconfig(kubeconfig.as_ref().clone(), &Default::default()).await?
+        }
         Backend::TestServer(server) => Config::new(server.url().parse()?),
     };
     let client = Client::try_from(config)?;

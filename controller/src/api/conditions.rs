@@ -85,6 +85,6 @@ pub fn set_condition_status(
     conditions.sort_by_key(order);
 }
 
-pub fn get_condition<'a>(conditions: &'a [Condition], kind: ConditionType) -> Option<&'a Condition> {
+pub fn get_condition(conditions: &[Condition], kind: ConditionType) -> Option<&Condition> {
     conditions.iter().find(|c| c.type_ == kind.as_str())
 }

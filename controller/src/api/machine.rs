@@ -1,3 +1,6 @@
+// kube-derive takes one `printcolumn(...)` per column; each repeats `type_`.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};

@@ -303,8 +303,10 @@ fn plan_instance(
     }
 
     // A recent failure holds the step back until its retry is due.
-    if step.is_some() {
-        if let Some(wait) = held_back(&before, machine, input.now) {
+    if step.is_some()
+        && let Some(wait) = held_back(&before, machine, input.now)
+    {
+        {
             step = None;
             requeue = match wait {
                 Some(delay) => Some(delay),

@@ -130,10 +130,11 @@ impl FakeStore {
         for entry in entries {
             let path = entry.map_err(|e| io_error("reading", &dir, e))?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            if name.starts_with("fake-") && name.ends_with(".json") {
-                if let Some(record) = read_json::<InstanceRecord>(&path)? {
-                    found.push(record);
-                }
+            if name.starts_with("fake-")
+                && name.ends_with(".json")
+                && let Some(record) = read_json::<InstanceRecord>(&path)?
+            {
+                found.push(record);
             }
         }
         found.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
