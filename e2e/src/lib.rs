@@ -420,3 +420,11 @@ pub async fn http_get(address: std::net::SocketAddr, path: &str) -> Result<(u16,
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok((code, body))
 }
+
+/// A Machine on the fake driver: `fake` is the driver block's YAML (flow style, e.g.
+/// `{gracefulStop: Ignore}`), `extra` more spec lines, each indented by two spaces.
+pub fn fake_machine(name: &str, fake: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: machinist.dev/v1alpha1\nkind: Machine\nmetadata:\n  name: {name}\nspec:\n  driver:\n    fake: {fake}\n{extra}"
+    )
+}

@@ -6,18 +6,12 @@ use anyhow::Result;
 use kube::ResourceExt;
 use kube::api::DeleteParams;
 use machinist::api::ConditionType;
-use machinist_e2e::{Env, ensure_eq};
-
-fn machine(name: &str, fake: &str, extra: &str) -> String {
-    format!(
-        "apiVersion: machinist.dev/v1alpha1\nkind: Machine\nmetadata:\n  name: {name}\nspec:\n  driver:\n    fake: {fake}\n{extra}"
-    )
-}
+use machinist_e2e::{Env, ensure_eq, fake_machine};
 
 #[tokio::test]
 async fn delete_removes_the_instance() -> Result<()> {
     let env = Env::new("delete").await?;
-    let m = env.create(&machine("m", "{}", "")).await?;
+    let m = env.create(&fake_machine("m", "{}", "")).await?;
     env.wait_ready("m").await?;
     ensure_eq(env.instances(&m).len(), 1, "instances before")?;
     env.delete_and_wait("m").await?;
@@ -28,7 +22,7 @@ async fn delete_removes_the_instance() -> Result<()> {
 #[tokio::test]
 async fn orphan_leaves_the_instance() -> Result<()> {
     let env = Env::new("orphan").await?;
-    let m = env.create(&machine("m", "{}", "  deletionPolicy: Orphan\n")).await?;
+    let m = env.create(&fake_machine("m", "{}", "  deletionPolicy: Orphan\n")).await?;
     env.wait_ready("m").await?;
     env.delete_and_wait("m").await?;
     let left = env.instances(&m);
@@ -39,7 +33,7 @@ async fn orphan_leaves_the_instance() -> Result<()> {
 #[tokio::test]
 async fn delete_while_create_is_in_flight_leaks_nothing() -> Result<()> {
     let env = Env::new("inflight").await?;
-    let m = env.create(&machine("m", "{latencyMillis: {create: 2000}}", "")).await?;
+    let m = env.create(&fake_machine("m", "{latencyMillis: {create: 2000}}", "")).await?;
     // Wait until the provider has the instance but Create has not answered yet.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while env.instances(&m).is_empty() {
@@ -54,7 +48,7 @@ async fn delete_while_create_is_in_flight_leaks_nothing() -> Result<()> {
 #[tokio::test]
 async fn controller_killed_during_create_leaves_one_instance() -> Result<()> {
     let mut env = Env::new("crash").await?;
-    let m = env.create(&machine("m", "{latencyMillis: {create: 1500}}", "")).await?;
+    let m = env.create(&fake_machine("m", "{latencyMillis: {create: 1500}}", "")).await?;
     // Kill the controller at a random point while Create is in flight.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while env.instances(&m).is_empty() {
@@ -77,7 +71,7 @@ async fn controller_killed_during_create_leaves_one_instance() -> Result<()> {
 #[tokio::test]
 async fn remove_failure_keeps_the_finalizer_until_it_succeeds() -> Result<()> {
     let env = Env::new("removefail").await?;
-    let m = env.create(&machine("m", "{failures: [{operation: Remove, count: 2}]}", "")).await?;
+    let m = env.create(&fake_machine("m", "{failures: [{operation: Remove, count: 2}]}", "")).await?;
     env.wait_ready("m").await?;
     env.machines.delete("m", &DeleteParams::default()).await?;
     let failing = env

@@ -5,19 +5,13 @@ use std::time::Duration;
 use anyhow::Result;
 use kube::ResourceExt;
 use machinist::api::ConditionType;
-use machinist_e2e::{Env, condition, ensure_eq};
+use machinist_e2e::{Env, condition, ensure_eq, fake_machine};
 use serde_json::json;
-
-fn machine(name: &str, fake: &str) -> String {
-    format!(
-        "apiVersion: machinist.dev/v1alpha1\nkind: Machine\nmetadata:\n  name: {name}\nspec:\n  driver:\n    fake: {fake}\n"
-    )
-}
 
 #[tokio::test]
 async fn invalid_spec_is_reported_and_not_retried_until_fixed() -> Result<()> {
     let env = Env::new("invalid").await?;
-    let m = env.create(&machine("m", "{instanceType: fake.huge}")).await?;
+    let m = env.create(&fake_machine("m", "{instanceType: fake.huge}", "")).await?;
     let invalid = env.wait_condition("m", ConditionType::Ready, "False", Some("InvalidSpec")).await?;
     let ready = condition(&invalid, ConditionType::Ready).unwrap();
     assert!(ready.message.contains("spec.driver.fake.instanceType"), "{}", ready.message);
@@ -39,7 +33,7 @@ async fn invalid_spec_is_reported_and_not_retried_until_fixed() -> Result<()> {
 #[tokio::test]
 async fn injected_failures_back_off_visibly_then_converge() -> Result<()> {
     let env = Env::new("backoff").await?;
-    env.create(&machine("m", "{failures: [{operation: Create, count: 3, message: out of capacity}]}")).await?;
+    env.create(&fake_machine("m", "{failures: [{operation: Create, count: 3, message: out of capacity}]}", "")).await?;
     let failing = env
         .wait_for("m", "failing twice", Duration::from_secs(30), |m| {
             m.status.as_ref().and_then(|s| s.failures.as_ref()).is_some_and(|f| f.count >= 2)
@@ -61,9 +55,10 @@ async fn injected_failures_back_off_visibly_then_converge() -> Result<()> {
 async fn not_supported_is_reported_and_not_retried() -> Result<()> {
     let env = Env::new("notsupported").await?;
     let m = env
-        .create(&machine(
+        .create(&fake_machine(
             "m",
             "{failures: [{operation: Stop, count: 1000, error: NotSupported, message: no stop here}]}",
+            "",
         ))
         .await?;
     env.wait_ready("m").await?;

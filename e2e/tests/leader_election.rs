@@ -11,7 +11,7 @@ use kube::Api;
 use kube::api::PostParams;
 use machinist::leader::LeaderElectionConfig;
 use machinist::run::{RunConfig, RunError};
-use machinist_e2e::{Env, ensure_eq};
+use machinist_e2e::{Env, ensure_eq, fake_machine};
 
 const LEASE: &str = "machinist-e2e";
 
@@ -26,12 +26,6 @@ fn replica(env: &Env, identity: &str) -> RunConfig {
         }),
         ..env.run_config()
     }
-}
-
-fn machine(name: &str) -> String {
-    format!(
-        "apiVersion: machinist.dev/v1alpha1\nkind: Machine\nmetadata:\n  name: {name}\nspec:\n  driver:\n    fake: {{}}\n"
-    )
 }
 
 async fn holder(env: &Env) -> Result<Option<String>> {
@@ -65,7 +59,7 @@ async fn one_leader_reconciles_and_a_standby_takes_over_when_it_dies() -> Result
     let a = env.spawn_controller(replica(&env, "replica-a"));
     wait_holder(&env, "replica-a", Duration::from_secs(10)).await?;
     let b = env.spawn_controller(replica(&env, "replica-b"));
-    env.create(&machine("first")).await?;
+    env.create(&fake_machine("first", "{}", "")).await?;
     env.wait_ready("first").await?;
     ensure_eq(creator(&env, "first").await?.as_deref(), Some("replica-a"), "who created the first instance")?;
     ensure_eq(holder(&env).await?.as_deref(), Some("replica-a"), "holder while a lives")?;
@@ -76,7 +70,7 @@ async fn one_leader_reconciles_and_a_standby_takes_over_when_it_dies() -> Result
     wait_holder(&env, "replica-b", Duration::from_secs(10)).await?;
     let took = died.elapsed();
     assert!(took <= Duration::from_secs(3) + Duration::from_secs(2), "takeover took {took:?} for a 3 s lease");
-    env.create(&machine("second")).await?;
+    env.create(&fake_machine("second", "{}", "")).await?;
     env.wait_ready("second").await?;
     ensure_eq(creator(&env, "second").await?.as_deref(), Some("replica-b"), "who created the second instance")?;
 
@@ -108,7 +102,7 @@ async fn a_leader_that_loses_its_lease_stops_reconciling_at_once() -> Result<()>
         other => bail!("the controller should stop with LostLeadership, not {other:?}"),
     }
     // Nothing reconciles the Machines now: not even the finalizer is added.
-    let m = env.create(&machine("orphaned")).await?;
+    let m = env.create(&fake_machine("orphaned", "{}", "")).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     ensure_eq(env.get("orphaned").await?.metadata.finalizers, None, "finalizers")?;
     ensure_eq(env.instances(&m).len(), 0, "instances")?;

@@ -6,14 +6,8 @@ use anyhow::Result;
 use kube::ResourceExt;
 use machinist::api::{ConditionType, OperationResult, Phase};
 use machinist_drivers::{Operation, State};
-use machinist_e2e::{Env, condition, ensure_eq};
+use machinist_e2e::{Env, condition, ensure_eq, fake_machine};
 use serde_json::json;
-
-fn fake_machine(name: &str, fake: &str, extra: &str) -> String {
-    format!(
-        "apiVersion: machinist.dev/v1alpha1\nkind: Machine\nmetadata:\n  name: {name}\nspec:\n  driver:\n    fake: {fake}\n{extra}"
-    )
-}
 
 #[tokio::test]
 async fn create_becomes_ready_and_converged_machine_is_left_alone() -> Result<()> {

@@ -93,7 +93,18 @@ pub async fn reconcile(obj: Arc<DeserializeGuard<Machine>>, ctx: Arc<Context>) -
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    .or_else(|e| match e {
+        // Gone already: a reconcile woken before the watch cache saw the deletion.
+        finalizer::Error::RemoveFinalizer(kube::Error::Api(ref api)) if api.code == 404 => {
+            Ok(Action::await_change())
+        }
+        // The finalizer list changed under a stale cached copy (the JSON patch's `test`
+        // failed): the watch event for that change brings a fresh reconcile.
+        finalizer::Error::AddFinalizer(kube::Error::Api(ref api)) if api.code == 404 || api.code == 422 => {
+            Ok(Action::await_change())
+        }
+        e => Err(Error::Finalizer(Box::new(e))),
+    })
 }
 
 /// Requeue after an error: the delay the decision asked for, or a short default.

@@ -1,0 +1,370 @@
+//! Scale benchmark: runs the `machinist` binary as its own process against the e2e test
+//! API server (or the cluster of `MACHINIST_E2E_KUBECONFIG`), creates N fake Machines and
+//! prints how fast they become Ready, what it costs in API writes, what an idle
+//! controller costs, its peak memory and CPU, and how long deleting them takes.
+//!
+//! `cargo run -p machinist-e2e --release --bin scale -- --machines 1000 --latency-ms 0`
+//! (build `machinist` in the same profile first: `cargo build --release -p machinist`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::{StreamExt, TryStreamExt, stream};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Config, ResourceExt};
+use machinist::api::{ConditionType, Machine, get_condition};
+use machinist_test_apiserver::{TestApiServer, WriteCounts};
+
+struct Args {
+    machines: Vec<usize>,
+    latency_ms: Vec<u64>,
+    concurrency: u16,
+    idle_seconds: u64,
+    controller: Option<PathBuf>,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: scale [--machines N]... [--latency-ms L]... [--concurrency C] [--idle-seconds S] [--controller PATH]\n\
+         defaults: --machines 1000 --latency-ms 0 --concurrency 0 (no limit) --idle-seconds 60; \
+         PATH defaults to the machinist binary next to this one"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let mut args = Args { machines: vec![], latency_ms: vec![], concurrency: 0, idle_seconds: 60, controller: None };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--machines" => args.machines.push(value().parse().unwrap_or_else(|_| usage())),
+            "--latency-ms" => args.latency_ms.push(value().parse().unwrap_or_else(|_| usage())),
+            "--concurrency" => args.concurrency = value().parse().unwrap_or_else(|_| usage()),
+            "--idle-seconds" => args.idle_seconds = value().parse().unwrap_or_else(|_| usage()),
+            "--controller" => args.controller = Some(PathBuf::from(value())),
+            _ => usage(),
+        }
+    }
+    if args.machines.is_empty() {
+        args.machines.push(1000);
+    }
+    if args.latency_ms.is_empty() {
+        args.latency_ms.push(0);
+    }
+    args
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = parse_args();
+    let controller = match &args.controller {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name("machinist"),
+    };
+    if !controller.exists() {
+        bail!(
+            "no machinist binary at {}: build it in the same profile (cargo build [--release] -p machinist) or pass --controller",
+            controller.display()
+        );
+    }
+    let work = tempfile::tempdir()?;
+    let kubeconfig = work.path().join("kubeconfig");
+    let server = match std::env::var_os(machinist_e2e::KUBECONFIG_ENV) {
+        Some(path) => {
+            std::fs::copy(&path, &kubeconfig)?;
+            None
+        }
+        None => {
+            let server = TestApiServer::start().await;
+            server.write_kubeconfig(&kubeconfig)?;
+            Some(server)
+        }
+    };
+    let config =
+        Config::from_custom_kubeconfig(kube::config::Kubeconfig::read_from(&kubeconfig)?, &Default::default()).await?;
+    let client = Client::try_from(config)?;
+    install_crd(&client).await?;
+
+    println!("machinist scale benchmark");
+    println!(
+        "backend: {}; controller: {}; {} cores",
+        if server.is_some() { "e2e test API server (in this process)" } else { "MACHINIST_E2E_KUBECONFIG cluster" },
+        controller.display(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    for &latency in &args.latency_ms {
+        for &n in &args.machines {
+            run_once(&client, server.as_ref(), &controller, &kubeconfig, &args, n, latency).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn install_crd(client: &Client) -> Result<()> {
+    let crd: CustomResourceDefinition = serde_yaml::from_str(include_str!("../../../crds/machine.yaml"))?;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(&crd.name_any(), &PatchParams::apply("machinist-scale").force(), &Patch::Apply(&crd)).await?;
+    let name = crd.name_any();
+    tokio::time::timeout(Duration::from_secs(30), await_condition(crds, &name, conditions::is_crd_established()))
+        .await
+        .context("the CRD did not become Established")??;
+    Ok(())
+}
+
+/// The controller process and what we read about it from /proc.
+struct ControllerProcess {
+    child: Child,
+    metrics: std::net::SocketAddr,
+}
+
+impl ControllerProcess {
+    fn start(
+        binary: &PathBuf,
+        kubeconfig: &PathBuf,
+        namespace: &str,
+        state: &PathBuf,
+        concurrency: u16,
+    ) -> Result<Self> {
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let child = Command::new(binary)
+            .args(["run", "--kubeconfig"])
+            .arg(kubeconfig)
+            .args(["--namespace", namespace, "--fake-state-dir"])
+            .arg(state)
+            .args(["--metrics-address", &metrics.to_string(), "--concurrency", &concurrency.to_string()])
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting machinist")?;
+        Ok(ControllerProcess { child, metrics })
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    fn peak_rss_kib(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM")?;
+        Ok(line.split_whitespace().nth(1).context("VmHWM value")?.parse()?)
+    }
+
+    /// CPU seconds (user + system) used so far.
+    fn cpu_seconds(&self) -> Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // Fields after the command name (which is in parentheses and may hold spaces).
+        let rest = &stat[stat.rfind(')').context("stat format")? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+        Ok(ticks as f64 / CLOCK_TICKS_PER_SECOND)
+    }
+
+    async fn metric(&self, prefix: &str) -> Result<f64> {
+        let (_, body) = machinist_e2e::http_get(self.metrics, "/metrics").await?;
+        Ok(body
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    async fn wait_ready(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((200, _)) = machinist_e2e::http_get(self.metrics, "/readyz").await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the controller did not become ready");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// /proc reports CPU times in USER_HZ ticks, 100 per second on Linux (x86 and arm).
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+
+fn is_ready(m: &Machine) -> bool {
+    m.status
+        .as_ref()
+        .and_then(|s| get_condition(&s.conditions, ConditionType::Ready))
+        .is_some_and(|c| c.status == "True")
+}
+
+/// Waits until `count` Machines in the namespace satisfy `done`; returns when.
+async fn wait_all(api: &Api<Machine>, count: usize, done: impl Fn(&Machine) -> bool) -> Result<Instant> {
+    let mut states: BTreeMap<String, bool> = BTreeMap::new();
+    let mut stream = watcher(api.clone(), watcher::Config::default()).default_backoff().boxed();
+    while let Some(event) = stream.try_next().await? {
+        match event {
+            watcher::Event::Apply(m) | watcher::Event::InitApply(m) => {
+                states.insert(m.name_any(), done(&m));
+            }
+            watcher::Event::Delete(m) => {
+                states.remove(&m.name_any());
+            }
+            _ => {}
+        }
+        if states.len() >= count && states.values().filter(|d| **d).count() >= count {
+            return Ok(Instant::now());
+        }
+    }
+    bail!("the watch ended")
+}
+
+fn writes_by_kind(counts: &WriteCounts) -> BTreeMap<&'static str, u64> {
+    let mut by = BTreeMap::new();
+    for (key, n) in &counts.0 {
+        let kind = if key == "machines POST" || key == "machines DELETE" || key.starts_with("namespaces ") {
+            // The benchmark's own writes, not the controller's.
+            continue;
+        } else if key.starts_with("machines/status ") {
+            "status"
+        } else if key == "machines PATCH" {
+            "finalizer"
+        } else if key.starts_with("events ") {
+            "events"
+        } else {
+            "other"
+        };
+        *by.entry(kind).or_default() += n;
+    }
+    by
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_once(
+    client: &Client,
+    server: Option<&TestApiServer>,
+    binary: &PathBuf,
+    kubeconfig: &PathBuf,
+    args: &Args,
+    n: usize,
+    latency: u64,
+) -> Result<()> {
+    let namespace = format!("scale-{n}-{latency}-{:04x}", rand::random::<u16>());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}}))?;
+    namespaces.create(&PostParams::default(), &ns).await?;
+    let state = tempfile::tempdir()?;
+    let process =
+        ControllerProcess::start(binary, kubeconfig, &namespace, &state.path().to_path_buf(), args.concurrency)?;
+    process.wait_ready().await?;
+    let api: Api<Machine> = Api::namespaced(client.clone(), &namespace);
+
+    println!("\n== {n} Machines, fake driver latency {latency} ms, controller concurrency {}", args.concurrency);
+    if let Some(s) = server {
+        s.reset_write_counts();
+    }
+    let fake = if latency == 0 { "{}".to_string() } else { format!("{{latencyMillis: {{default: {latency}}}}}") };
+    let started = Instant::now();
+    let ready_watch = {
+        let api = api.clone();
+        tokio::spawn(async move { wait_all(&api, n, is_ready).await })
+    };
+    stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            let yaml = format!("metadata: {{name: m{i:05}}}\nspec: {{driver: {{fake: {fake}}}}}\n");
+            async move {
+                let mut m: Machine =
+                    serde_yaml::from_str(&format!("apiVersion: machinist.dev/v1alpha1\nkind: Machine\n{yaml}"))?;
+                m.metadata.namespace = None;
+                api.create(&PostParams::default(), &m).await.map(|_| ()).map_err(anyhow::Error::from)
+            }
+        })
+        .buffer_unordered(64)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let created = started.elapsed();
+    let ready_at = ready_watch.await??;
+    let to_ready = ready_at - started;
+    println!(
+        "created {n} in {:.2} s; all Ready after {:.2} s: {:.0} Machines/s",
+        created.as_secs_f64(),
+        to_ready.as_secs_f64(),
+        n as f64 / to_ready.as_secs_f64()
+    );
+
+    if let Some(s) = server {
+        let counts = s.write_counts();
+        let by = writes_by_kind(&counts);
+        let get = |k| *by.get(k).unwrap_or(&0) as f64 / n as f64;
+        println!(
+            "API writes per Machine until Ready: finalizer {:.2}, status {:.2}, other {:.2} (total without events {:.2}); events {:.2}",
+            get("finalizer"),
+            get("status"),
+            get("other"),
+            get("finalizer") + get("status") + get("other"),
+            get("events")
+        );
+        s.reset_write_counts();
+    } else {
+        println!("API writes per Machine: not counted against a real cluster");
+    }
+
+    // Idle: everything converged; nothing should be written.
+    let status_before =
+        process.metric("machinist_driver_call_duration_seconds_count{driver=\"fake\",operation=\"Status\"").await?;
+    let idle_started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
+    let idle = idle_started.elapsed().as_secs_f64();
+    let status_calls =
+        process.metric("machinist_driver_call_duration_seconds_count{driver=\"fake\",operation=\"Status\"").await?
+            - status_before;
+    if let Some(s) = server {
+        let by = writes_by_kind(&s.write_counts());
+        let events = *by.get("events").unwrap_or(&0);
+        println!("idle {idle:.0} s: {} writes, {events} events", by.values().sum::<u64>() - events);
+    }
+    println!("idle: {:.2} driver Status calls per Machine per minute", status_calls / n as f64 / (idle / 60.0));
+    println!(
+        "controller: peak RSS {:.1} MiB, {:.1} CPU seconds",
+        process.peak_rss_kib()? as f64 / 1024.0,
+        process.cpu_seconds()?
+    );
+
+    let delete_started = Instant::now();
+    let gone_watch = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            // Done when the list is empty: wait for n deletions by polling the list.
+            loop {
+                if api.list(&ListParams::default().limit(1)).await?.items.is_empty() {
+                    return anyhow::Ok(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                api.delete(&format!("m{i:05}"), &DeleteParams::default()).await.map(|_| ()).map_err(anyhow::Error::from)
+            }
+        })
+        .buffer_unordered(64)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let gone = gone_watch.await??;
+    println!("deleted all {n} in {:.2} s", (gone - delete_started).as_secs_f64());
+    drop(process);
+    namespaces.delete(&namespace, &DeleteParams::default()).await?;
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! The scale benchmark keeps working: it runs at a small N against the test server.
+//! No timing is asserted here; BENCHMARKS.md has the figures.
+
+use std::process::Command;
+
+#[test]
+fn scale_benchmark_runs_at_small_n() {
+    if std::env::var_os(machinist_e2e::KUBECONFIG_ENV).is_some() {
+        // Against a real cluster the benchmark is run by hand.
+        return;
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_scale"))
+        .args(["--machines", "20", "--latency-ms", "0", "--latency-ms", "50", "--idle-seconds", "2"])
+        .output()
+        .expect("the scale benchmark starts");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "scale failed:\n{stdout}\n{stderr}");
+    for wanted in [
+        "== 20 Machines, fake driver latency 0 ms",
+        "== 20 Machines, fake driver latency 50 ms",
+        "all Ready after",
+        "API writes per Machine until Ready: finalizer 1.00",
+        "idle 2 s: 0 writes, 0 events",
+        "driver Status calls per Machine per minute",
+        "peak RSS",
+        "deleted all 20",
+    ] {
+        assert!(stdout.contains(wanted), "{wanted:?} missing from:\n{stdout}");
+    }
+}
