@@ -177,6 +177,7 @@ CONTROLLER_GRANTS = {
     *{("machinist.dev", "machines/status", v, ()) for v in ("get", "patch", "update")},
     ("machinist.dev", "machines/finalizers", "update", ()),
     ("", "secrets", "get", ()),
+    ("", "secrets", "create", ()),
     ("events.k8s.io", "events", "create", ()),
     ("events.k8s.io", "events", "patch", ()),
 }

@@ -48,7 +48,7 @@ impl Machine {
     /// everywhere else, and no status.
     pub fn test() -> Self {
         let spec = MachineSpec {
-            driver: DriverSpec { fake: Some(FakeConfig::default()) },
+            driver: DriverSpec { fake: Some(FakeConfig::default()), ..DriverSpec::default() },
             power_state: PowerState::default(),
             stop_mode: StopMode::default(),
             stop_timeout_seconds: None,
@@ -165,7 +165,7 @@ pub fn input(machine: &Machine, observed: Observed) -> Input<'_> {
 
 /// As [`input`], at another time.
 pub fn input_at(machine: &Machine, observed: Observed, now: Timestamp) -> Input<'_> {
-    Input { machine, observed, offers_ssh: false, now, jitter: JITTER, settings: &SETTINGS }
+    Input { machine, observed, offers_ssh: false, ssh_key_secret: None, now, jitter: JITTER, settings: &SETTINGS }
 }
 
 /// The instance [`PROVIDER_ID`] in `state`, addresses not looked up.

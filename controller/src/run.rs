@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use kube::core::DeserializeGuard;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, controller, watcher};
 use kube::{Api, Client};
 use machinist_drivers::Drivers;
@@ -96,11 +95,10 @@ pub async fn run(
         background.0.push(tokio::spawn(metrics::serve(listener, metrics.clone(), ready.clone())));
     }
 
-    let reporter = Reporter { controller: "machinist".into(), instance: config.instance.clone() };
     let ctx = Arc::new(Context {
         client: client.clone(),
         drivers: Drivers::new(&config.fake_state_dir),
-        recorder: Recorder::new(client.clone(), reporter),
+        events: k8s::EventPublisher::new(client.clone(), "machinist", config.instance.clone()),
         settings: config.settings.clone(),
         driver_call_timeout: config.driver_call_timeout,
         metrics: metrics.clone(),

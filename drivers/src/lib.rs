@@ -7,11 +7,16 @@
 //! This crate has no Kubernetes client: the controller resolves Secrets and hands each
 //! driver plain values ([`MachineRef`], [`Credentials`]). Each driver's typed config
 //! lives with the driver and derives `JsonSchema`, so the controller's CRD embeds it.
+//!
+//! Drivers: [`fake`] (instances as files) and [`generic`] (an existing host over SSH).
+//! [`ssh`] is the SSH client the drivers and the controller share.
 
 mod contract;
 mod error;
 pub mod fake;
+pub mod generic;
 mod registry;
+pub mod ssh;
 
 pub use contract::{
     Address, AddressType, CreateRequest, Credentials, Driver, Instance, MachineRef, Operation, SshEndpoint, State,

@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::fake::{FakeConfig, FakeDriver, FakeStore};
+use crate::generic::{GenericConfig, GenericDriver};
 use crate::{Credentials, Driver, DriverError, MachineRef};
 
 /// `spec.driver`: exactly one block, named for its driver. The schema's CEL rules
@@ -17,23 +18,31 @@ pub struct DriverSpec {
     /// Instances simulated in the controller's state directory (tests, demos, benchmarks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fake: Option<FakeConfig>,
+    /// An existing host reached over SSH, as Docker Machine's `generic` driver: machinist
+    /// installs the Machine's SSH key there and can reboot it, but cannot power it on or off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generic: Option<GenericConfig>,
 }
 
 /// The one driver block a spec names.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum DriverConfig<'a> {
     Fake(&'a FakeConfig),
+    Generic(&'a GenericConfig),
 }
 
 impl DriverSpec {
     /// The names of every driver block this build knows, as they appear in `spec.driver`.
-    pub const NAMES: [&'static str; 1] = ["fake"];
+    pub const NAMES: [&'static str; 2] = ["fake", "generic"];
 
     /// The single block that is set; InvalidConfig when none or several are.
     pub fn config(&self) -> Result<DriverConfig<'_>, DriverError> {
         let mut set = Vec::new();
         if let Some(fake) = &self.fake {
             set.push(DriverConfig::Fake(fake));
+        }
+        if let Some(generic) = &self.generic {
+            set.push(DriverConfig::Generic(generic));
         }
         match set.as_slice() {
             [one] => Ok(*one),
@@ -54,6 +63,7 @@ impl DriverConfig<'_> {
     pub fn name(&self) -> &'static str {
         match self {
             DriverConfig::Fake(_) => "fake",
+            DriverConfig::Generic(_) => "generic",
         }
     }
 }
@@ -75,15 +85,17 @@ impl Drivers {
     }
 
     /// The driver for one Machine. Fails with InvalidConfig (naming the field) before
-    /// any provider call when the config cannot work.
+    /// any provider call when the config cannot work. `credentials` are the contents of
+    /// the Machine's `credentialsSecretRef` (empty when it has none).
     pub fn driver(
         &self,
         spec: &DriverSpec,
         machine: MachineRef,
-        _credentials: Credentials,
+        credentials: Credentials,
     ) -> Result<Arc<dyn Driver>, DriverError> {
         match spec.config()? {
             DriverConfig::Fake(config) => Ok(Arc::new(FakeDriver::new(self.fake.clone(), machine, config.clone())?)),
+            DriverConfig::Generic(config) => Ok(Arc::new(GenericDriver::new(machine, config.clone(), &credentials)?)),
         }
     }
 }

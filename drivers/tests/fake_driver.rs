@@ -25,7 +25,7 @@ fn machine(uid: &str) -> MachineRef {
 }
 
 fn spec(config: FakeConfig) -> DriverSpec {
-    DriverSpec { fake: Some(config) }
+    DriverSpec { fake: Some(config), ..DriverSpec::default() }
 }
 
 fn driver(drivers: &Drivers, uid: &str, config: FakeConfig) -> Arc<dyn Driver> {

@@ -6,6 +6,7 @@ use kube::api::{DynamicObject, PostParams};
 use kube::discovery::ApiResource;
 use machinist::api::Machine;
 use machinist_e2e::Env;
+use serde::Deserialize;
 
 #[tokio::test]
 async fn examples_are_valid_machines() -> Result<()> {
@@ -18,23 +19,40 @@ async fn examples_are_valid_machines() -> Result<()> {
             continue;
         }
         let text = std::fs::read_to_string(&path)?;
-        let object: DynamicObject = serde_yaml::from_str(&text).with_context(|| format!("{}", path.display()))?;
-        let api: kube::Api<DynamicObject> =
-            kube::Api::namespaced_with(env.client.clone(), &env.namespace, &ApiResource::erase::<Machine>(&()));
-        let created = api
-            .create(&PostParams::default(), &object)
-            .await
-            .with_context(|| format!("{} is rejected", path.display()))?;
-        let sent = &object.data["spec"];
-        let stored = &created.data["spec"];
-        assert_subset(sent, stored, &format!("{}: spec", path.display()));
-        // It parses as the typed Machine too.
-        serde_json::from_value::<Machine>(serde_json::to_value(&created)?)
-            .with_context(|| format!("{} does not parse as a Machine", path.display()))?;
-        checked += 1;
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let object = DynamicObject::deserialize(document).with_context(|| format!("{}", path.display()))?;
+            if object.types.as_ref().map(|t| t.kind.as_str()) != Some("Machine") {
+                // Companion objects (a credentials Secret) are created as they are.
+                let kind = object.types.clone().unwrap_or_default();
+                let resource = ApiResource::from_gvk(&kube::core::GroupVersionKind::try_from(&kind)?);
+                let api: kube::Api<DynamicObject> =
+                    kube::Api::namespaced_with(env.client.clone(), &env.namespace, &resource);
+                api.create(&PostParams::default(), &object)
+                    .await
+                    .with_context(|| format!("{}: {} is rejected", path.display(), kind.kind))?;
+                continue;
+            }
+            check_machine(&env, &path, object).await?;
+            checked += 1;
+        }
     }
-    assert!(checked >= 2, "examples found: {checked}");
+    assert!(checked >= 3, "example Machines found: {checked}");
     env.cleanup().await
+}
+
+/// Creates the Machine and checks nothing of it was pruned.
+async fn check_machine(env: &Env, path: &std::path::Path, object: DynamicObject) -> Result<()> {
+    let api: kube::Api<DynamicObject> =
+        kube::Api::namespaced_with(env.client.clone(), &env.namespace, &ApiResource::erase::<Machine>(&()));
+    let created =
+        api.create(&PostParams::default(), &object).await.with_context(|| format!("{} is rejected", path.display()))?;
+    let sent = &object.data["spec"];
+    let stored = &created.data["spec"];
+    assert_subset(sent, stored, &format!("{}: spec", path.display()));
+    // It parses as the typed Machine too.
+    serde_json::from_value::<Machine>(serde_json::to_value(&created)?)
+        .with_context(|| format!("{} does not parse as a Machine", path.display()))?;
+    Ok(())
 }
 
 /// Everything in `sent` is in `stored` (which may add defaults).

@@ -112,10 +112,12 @@ The Machine-controller rules, shared by the ClusterRole (all namespaces) and the
 - apiGroups: ["machinist.dev"]
   resources: ["machines/finalizers"]
   verbs: ["update"]
-# spec.credentialsSecretRef is read afresh on every reconcile.
+# spec.credentialsSecretRef and SSH key Secrets are read on every reconcile; a Machine's
+# generated SSH key Secret is created once (it is owned by the Machine, and goes with it
+# through garbage collection, so no delete).
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get"]
+  verbs: ["get", "create"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

@@ -50,8 +50,10 @@ pub struct MachineSpec {
     /// Exactly one driver block, named for its driver, holding that driver's config.
     /// The driver kind cannot change after creation.
     #[x_kube(
-        validation = Rule::new("(has(self.fake) ? 1 : 0) == 1").message("set exactly one driver block (one of: fake)"),
-        validation = Rule::new("has(self.fake) == has(oldSelf.fake)").message("the driver kind cannot change after creation")
+        validation = Rule::new("(has(self.fake) ? 1 : 0) + (has(self.generic) ? 1 : 0) == 1")
+            .message("set exactly one driver block (one of: fake, generic)"),
+        validation = Rule::new("has(self.fake) == has(oldSelf.fake) && has(self.generic) == has(oldSelf.generic)")
+            .message("the driver kind cannot change after creation")
     )]
     pub driver: DriverSpec,
 
@@ -200,6 +202,18 @@ pub struct MachineStatus {
     /// Consecutive failed attempts and when the next one is due.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failures: Option<Failures>,
+    /// The last `spec.provisioning` script run, and how it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioning: Option<ProvisioningStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProvisioningStatus {
+    /// The SHA-256 (hex) of the script that ran: it runs again only when this changes.
+    #[serde(rename = "scriptSHA256")]
+    pub script_sha256: String,
+    pub succeeded: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

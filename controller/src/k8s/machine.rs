@@ -9,12 +9,12 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{self, finalizer};
 use kube::{Api, Client, Resource, ResourceExt};
 use machinist_drivers::{CreateRequest, Credentials, Driver, DriverError, Drivers, MachineRef, Operation, State};
 use tracing::{debug, info, instrument, warn};
 
+use super::events::EventNote;
 use super::patch_status;
 use crate::api::{FINALIZER, Machine, MachineStatus};
 use crate::reconcile::{self, CleanupNext, Input, Note, Observed, Outcome, Planned, Settings, Step, whole_seconds};
@@ -23,7 +23,7 @@ use crate::reconcile::{self, CleanupNext, Input, Note, Observed, Outcome, Planne
 pub struct Context {
     pub client: Client,
     pub drivers: Drivers,
-    pub recorder: Recorder,
+    pub events: super::events::EventPublisher,
     pub settings: Settings,
     /// The longest any single driver call may take before it counts as a transient failure.
     pub driver_call_timeout: Duration,
@@ -95,9 +95,7 @@ pub async fn reconcile(obj: Arc<DeserializeGuard<Machine>>, ctx: Arc<Context>) -
     .await
     .or_else(|e| match e {
         // Gone already: a reconcile woken before the watch cache saw the deletion.
-        finalizer::Error::RemoveFinalizer(kube::Error::Api(ref api)) if api.code == 404 => {
-            Ok(Action::await_change())
-        }
+        finalizer::Error::RemoveFinalizer(kube::Error::Api(ref api)) if api.code == 404 => Ok(Action::await_change()),
         // The finalizer list changed under a stale cached copy (the JSON patch's `test`
         // failed): the watch event for that change brings a fresh reconcile.
         finalizer::Error::AddFinalizer(kube::Error::Api(ref api)) if api.code == 404 || api.code == 422 => {
@@ -144,14 +142,9 @@ async fn report_invalid_object(invalid: &kube::core::error_boundary::InvalidObje
         resource_version: meta.resource_version.clone(),
         ..Default::default()
     };
-    let event = Event {
-        type_: EventType::Warning,
-        reason: "InvalidObject".into(),
-        note: Some(truncate(&format!("cannot read this Machine: {}", invalid.error), 1024)),
-        action: "Validate".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+    let note = truncate(&format!("cannot read this Machine: {}", invalid.error), 1024);
+    let event = EventNote { warning: true, reason: "InvalidObject", action: "Validate", note: &note };
+    if let Err(e) = ctx.events.publish(&reference, &event).await {
         warn!(error = %e, "publishing an Event failed");
     }
     Error::InvalidObject(invalid.error.clone())
@@ -170,10 +163,27 @@ fn machine_ref(machine: &Machine) -> MachineRef {
 }
 
 async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<Action, Error> {
-    let (driver, observed) =
+    let (driver, mut observed) =
         if machine.is_paused() { (None, Observed::NoInstance) } else { observe(machine, ctx).await? };
     let offers_ssh = driver.as_ref().is_some_and(|d| d.offers_ssh());
-    let input = Input { machine, observed, offers_ssh, now: now(), jitter: rand::random(), settings: &ctx.settings };
+    // The Machine's SSH key exists before anything is created with it.
+    let mut key = None;
+    if offers_ssh && !matches!(observed, Observed::InvalidSpec(_)) {
+        match super::ssh::machine_key(machine, &ctx.client).await {
+            Ok(k) => key = Some(k),
+            Err(error @ DriverError::InvalidConfig { .. }) => observed = Observed::InvalidSpec(error),
+            Err(error) => observed = Observed::Failed(error),
+        }
+    }
+    let input = Input {
+        machine,
+        observed,
+        offers_ssh,
+        ssh_key_secret: key.as_ref().map(|k| k.secret_name.clone()),
+        now: now(),
+        jitter: rand::random(),
+        settings: &ctx.settings,
+    };
     let plan = reconcile::plan(&input);
     let written = machine.status.as_ref();
     // Status first, then the Events about it: a providerID (found by adoption or
@@ -184,9 +194,10 @@ async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<A
         return Ok(requeue(plan.requeue));
     };
 
-    // Show the step under way, except for Create: its first write is the providerID.
+    // Show the step under way, except for Create (its first write is the providerID)
+    // and a quick SSH check.
     let mut shown = written.cloned();
-    if planned.step != Step::Create {
+    if planned.step != Step::Create && planned.step != Step::CheckSsh {
         let begun = reconcile::begin(&plan, &planned, input.now);
         patch_status(api, &ctx.written, machine, written, &begun).await?;
         shown = Some(begun);
@@ -194,7 +205,7 @@ async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<A
     publish(ctx, machine, &plan.notes).await;
     let provider_id = plan.status.provider_id.clone().unwrap_or_default();
     info!(step = ?planned.step, cause = ?planned.cause, provider_id, "calling the driver");
-    let outcome = perform(driver.as_ref(), &planned, &provider_id, ctx).await;
+    let outcome = perform(driver.as_ref(), &planned, &provider_id, ctx, machine, key.as_ref()).await;
     let after = Input { now: now(), ..input };
     let recorded = reconcile::record(&after, &plan, &planned, outcome);
     patch_status(api, &ctx.written, machine, shown.as_ref(), &recorded.status).await?;
@@ -205,8 +216,15 @@ async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<A
 async fn cleanup(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<Action, Error> {
     let needs_driver = !machine.is_paused() && machine.spec.deletion_policy == crate::api::DeletionPolicy::Delete;
     let (driver, observed) = if needs_driver { observe(machine, ctx).await? } else { (None, Observed::NoInstance) };
-    let input =
-        Input { machine, observed, offers_ssh: false, now: now(), jitter: rand::random(), settings: &ctx.settings };
+    let input = Input {
+        machine,
+        observed,
+        offers_ssh: false,
+        ssh_key_secret: None,
+        now: now(),
+        jitter: rand::random(),
+        settings: &ctx.settings,
+    };
     let plan = reconcile::plan_cleanup(&input);
     let written = machine.status.as_ref();
     let (id, driver) = match (&plan.next, driver) {
@@ -297,7 +315,16 @@ async fn observe(machine: &Machine, ctx: &Context) -> Result<(Option<Arc<dyn Dri
     let observed = match found {
         Ok(None) => Observed::NoInstance,
         Ok(Some((id, state))) => {
-            let addresses = if state == State::Running {
+            // Addresses change when an instance (re)starts, not while it runs: look them
+            // up then, so an idle poll costs one driver call.
+            let status = machine.status.as_ref();
+            let stale = status.is_none_or(|s| s.addresses.is_empty() || s.state != Some(State::Running))
+                || status.and_then(|s| s.last_operation.as_ref()).is_some_and(|op| {
+                    op.result == crate::api::OperationResult::Succeeded
+                        && matches!(op.operation, Operation::Start | Operation::Restart)
+                        && status.is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status != "True"))
+                });
+            let addresses = if state == State::Running && stale {
                 call(ctx, driver.as_ref(), Operation::Status, driver.addresses(&id)).await.ok()
             } else {
                 None
@@ -357,12 +384,19 @@ async fn call<T>(
     result
 }
 
-async fn perform(driver: &dyn Driver, planned: &Planned, id: &str, ctx: &Context) -> Outcome {
+async fn perform(
+    driver: &dyn Driver,
+    planned: &Planned,
+    id: &str,
+    ctx: &Context,
+    machine: &Machine,
+    key: Option<&super::ssh::MachineKey>,
+) -> Outcome {
     let failed = |operation: Operation| move |error| Outcome::Failed { operation, error };
     let done = |r: Result<(), DriverError>, op: Operation| r.map_or_else(failed(op), |()| Outcome::Succeeded);
     match &planned.step {
         Step::Create => {
-            let request = CreateRequest { ssh_public_key: None };
+            let request = CreateRequest { ssh_public_key: key.map(|k| k.key.public_key_openssh()) };
             call(ctx, driver, Operation::Create, driver.create(&request))
                 .await
                 .map_or_else(failed(Operation::Create), Outcome::Created)
@@ -384,6 +418,19 @@ async fn perform(driver: &dyn Driver, planned: &Planned, id: &str, ctx: &Context
             Err(error) => Outcome::Failed { operation: Operation::Kill, error },
         },
         Step::Remove => done(call(ctx, driver, Operation::Remove, driver.remove(id)).await, Operation::Remove),
+        Step::CheckSsh | Step::Provision { .. } => {
+            let Some(key) = key else {
+                return Outcome::SshFailed(crate::reconcile::SshFailure {
+                    reason: "NoSSHKey",
+                    message: "the Machine's SSH key is not available".into(),
+                    retryable: true,
+                });
+            };
+            match planned.step {
+                Step::CheckSsh => super::ssh::check(driver, id, machine, key).await,
+                _ => super::ssh::provision(driver, id, machine, key).await,
+            }
+        }
     }
 }
 
@@ -393,20 +440,15 @@ async fn publish(ctx: &Context, machine: &Machine, notes: &[Note]) {
     }
     let reference = machine.object_ref(&());
     for note in notes {
-        let event = Event {
-            type_: if note.warning { EventType::Warning } else { EventType::Normal },
-            reason: note.reason.into(),
-            // Events cap the note at 1 KiB.
-            note: Some(truncate(&note.message, 1024)),
-            action: note.action.into(),
-            secondary: None,
-        };
+        // Events cap the note at 1 KiB.
+        let text = truncate(&note.message, 1024);
+        let event = EventNote { warning: note.warning, reason: note.reason, action: note.action, note: &text };
         if note.warning {
             warn!(reason = note.reason, message = %note.message, "event");
         } else {
             info!(reason = note.reason, message = %note.message, "event");
         }
-        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+        if let Err(e) = ctx.events.publish(&reference, &event).await {
             warn!(error = %e, reason = note.reason, "publishing an Event failed");
         }
     }

@@ -2,9 +2,13 @@
 //! driver calls performed as the pure decision (`crate::reconcile`) says.
 
 mod crd;
+mod events;
 mod machine;
+mod ssh;
 mod status;
 
 pub use crd::{CrdError, wait_for_crd};
+pub use events::{EventNote, EventPublisher};
 pub use machine::{Context, Error, error_policy, reconcile};
+pub use ssh::{MachineKey, generated_secret_name};
 pub use status::{WrittenStatuses, patch_status};

@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
@@ -12,20 +13,31 @@ use crate::api::{FIELD_MANAGER, Machine, MachineStatus};
 /// Only machinist writes a Machine's status, so the last status it wrote is the truth.
 /// A reconcile woken by one of its own writes can see an object from before a later
 /// write; deciding from that would repeat a step (a second Stop, a second restart).
-/// Entries go as soon as the cache catches up, so this stays small.
+/// An entry goes as soon as the cache shows its write, or after [`REMEMBER`] (the cache
+/// lags by milliseconds), so this stays small at any number of Machines.
 #[derive(Default)]
-pub struct WrittenStatuses(Mutex<HashMap<String, (String, MachineStatus)>>);
+pub struct WrittenStatuses(Mutex<Written>);
+
+#[derive(Default)]
+struct Written {
+    by_uid: HashMap<String, (String, MachineStatus, Instant)>,
+    swept: Option<Instant>,
+}
+
+/// Far longer than the watch cache lags behind a write, even under load; short enough
+/// that the remembered statuses stay a few megabytes at hundreds of writes a second.
+const REMEMBER: Duration = Duration::from_secs(5);
 
 impl WrittenStatuses {
     /// The Machine with the last status machinist wrote for it.
     pub fn latest(&self, mut machine: Machine) -> Machine {
         let uid = machine.uid().unwrap_or_default();
         let mut written = self.0.lock().expect("not poisoned");
-        if let Some((version, status)) = written.get(&uid) {
+        if let Some((version, status, _)) = written.by_uid.get(&uid) {
             if machine.resource_version().as_deref() == Some(version.as_str())
                 || machine.status.as_ref() == Some(status)
             {
-                written.remove(&uid);
+                written.by_uid.remove(&uid);
             } else {
                 machine.status = Some(status.clone());
             }
@@ -34,11 +46,26 @@ impl WrittenStatuses {
     }
 
     fn record(&self, uid: String, version: String, status: MachineStatus) {
-        self.0.lock().expect("not poisoned").insert(uid, (version, status));
+        let now = Instant::now();
+        let mut written = self.0.lock().expect("not poisoned");
+        if written.swept.is_none_or(|t| now.duration_since(t) > Duration::from_secs(1)) {
+            written.by_uid.retain(|_, (_, _, at)| now.duration_since(*at) < REMEMBER);
+            written.swept = Some(now);
+        }
+        written.by_uid.insert(uid, (version, status, now));
     }
 
     pub fn forget(&self, machine: &Machine) {
-        self.0.lock().expect("not poisoned").remove(&machine.uid().unwrap_or_default());
+        self.0.lock().expect("not poisoned").by_uid.remove(&machine.uid().unwrap_or_default());
+    }
+
+    /// How many statuses are remembered now.
+    pub fn len(&self) -> usize {
+        self.0.lock().expect("not poisoned").by_uid.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

@@ -7,11 +7,14 @@ use machinist_drivers::{DriverError, Operation, State};
 use super::backoff::jittered;
 use super::summary::{
     condition_is, condition_reason, conditions, duration_between, error_reason, held_back, last_operation,
-    record_failure, ssh_conditions, summarize_ready,
+    record_failure, record_failure_parts, script_sha256, ssh_conditions, ssh_ready, summarize_ready,
 };
 use super::{Cause, Input, Note, Observed, Outcome, Plan, Planned, Step};
+use kube::ResourceExt;
+
 use crate::api::{
-    ConditionType, MachineStatus, OperationResult, Phase, PowerState, RestartMode, StopMode, get_condition,
+    ConditionType, MachineStatus, OperationResult, Phase, PowerState, ProvisioningStatus, RestartMode, StopMode,
+    get_condition,
 };
 
 /// Decides the next step for a live (not deleting) Machine.
@@ -134,6 +137,9 @@ fn plan_instance(
     status.provider_id = Some(id.clone());
     let previous_state = before.state;
     status.state = Some(state);
+    if let Some(secret) = &input.ssh_key_secret {
+        status.ssh.get_or_insert_default().key_secret_name = Some(secret.clone());
+    }
     if let Some(addresses) = addresses {
         status.addresses = addresses;
     }
@@ -181,7 +187,16 @@ fn plan_instance(
             } else {
                 phase = Phase::Running;
                 c.set(ConditionType::PowerStateSynced, true, "Running", "running as desired");
-                requeue = Some(jittered(settings.poll_interval, input.jitter));
+                let provisioning = spec.provisioning.as_ref().map(|p| script_sha256(&p.script));
+                let provisioned =
+                    |sha: &String| c.status.provisioning.as_ref().is_some_and(|p| &p.script_sha256 == sha);
+                if input.offers_ssh && !ssh_ready(c.status) {
+                    step = Some(Planned { step: Step::CheckSsh, cause: Cause::Converge });
+                } else if let Some(sha256) = provisioning.filter(|sha| input.offers_ssh && !provisioned(sha)) {
+                    step = Some(Planned { step: Step::Provision { sha256 }, cause: Cause::Converge });
+                } else {
+                    requeue = Some(jittered(settings.poll_interval, input.jitter));
+                }
             }
         }
         (PowerState::Running, State::Stopped | State::Paused | State::Saved) => {
@@ -303,7 +318,11 @@ fn plan_instance(
     }
 
     // A recent failure holds the step back until its retry is due.
+    let accepting_host_key = step.as_ref().is_some_and(|p| p.step == Step::CheckSsh)
+        && before.failures.as_ref().is_some_and(|f| f.reason == "HostKeyMismatch")
+        && machine.annotations().contains_key(crate::api::ACCEPT_HOST_KEY_ANNOTATION);
     if step.is_some()
+        && !accepting_host_key
         && let Some(wait) = held_back(&before, machine, input.now)
     {
         {
@@ -423,7 +442,9 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
                     "Restarted",
                     "restarted the instance: killed it, then started it (restartMode: Hard)".to_string(),
                 ),
-                (Step::Create | Step::Remove, _) => (Phase::Creating, "Succeeded", String::new()),
+                (Step::Create | Step::Remove | Step::CheckSsh | Step::Provision { .. }, _) => {
+                    (Phase::Creating, "Succeeded", String::new())
+                }
             };
             let operation = match outcome {
                 Outcome::StopEscalated => Operation::Kill,
@@ -433,11 +454,81 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
             if let Cause::RestartRequest(request) = &planned.cause {
                 status.last_restart_request = Some(request.clone());
             }
+            if input.offers_ssh && matches!(planned.step, Step::Start | Step::Restart | Step::HardRestart) {
+                conditions(&mut status, machine, now).unknown(
+                    ConditionType::SSHReady,
+                    "WaitingForSSH",
+                    "the instance (re)started; SSH is checked again",
+                );
+            }
             status.phase = Some(phase);
             let warning = reason == "StopTimedOut";
             notes.push(Note { warning, reason, action: operation.as_str(), message });
             // The step went through: Ready no longer shows the last failure.
             summarize_ready(&mut conditions(&mut status, machine, now), machine);
+            Plan { status, step: None, requeue: progress, notes }
+        }
+        Outcome::SshReady { fingerprint, host, port, user } => {
+            let ssh = status.ssh.get_or_insert_default();
+            if let Some(old) = ssh.host_key_fingerprint.as_ref().filter(|old| **old != fingerprint) {
+                notes.push(Note::warning(
+                    "HostKeyAccepted",
+                    "CheckSSH",
+                    format!("accepted the new host key {fingerprint} (was {old}), as the machinist.dev/accept-host-key annotation says"),
+                ));
+            }
+            ssh.host_key_fingerprint = Some(fingerprint);
+            ssh.host = Some(host.clone());
+            ssh.port = Some(port);
+            ssh.user = Some(user.clone());
+            status.failures = None;
+            let message = format!("SSH answers on {host}:{port} as {user} with the Machine's key");
+            let mut c = conditions(&mut status, machine, now);
+            c.set(ConditionType::SSHReady, true, "Ready", message.clone());
+            summarize_ready(&mut c, machine);
+            notes.push(Note::normal("SSHReady", "CheckSSH", message));
+            Plan { status, step: None, requeue: progress, notes }
+        }
+        Outcome::SshFailed(failure) => {
+            let what = match planned.step {
+                Step::Provision { .. } => "provisioning could not run: ",
+                _ => "",
+            };
+            let detail = format!("{what}{}", failure.message);
+            let (delay, note) =
+                record_failure_parts(&mut status, input, None, failure.reason, &detail, failure.retryable, None);
+            notes.push(note);
+            let message = status.failures.as_ref().map(|f| f.message.clone()).unwrap_or_default();
+            let mut c = conditions(&mut status, machine, now);
+            c.set(ConditionType::SSHReady, false, failure.reason, message);
+            summarize_ready(&mut c, machine);
+            Plan {
+                status,
+                step: None,
+                requeue: delay.or(Some(jittered(input.settings.poll_interval, input.jitter))),
+                notes,
+            }
+        }
+        Outcome::Provisioned { exit_status, output } => {
+            let Step::Provision { sha256 } = &planned.step else {
+                unreachable!("a provisioning outcome comes from a Provision step")
+            };
+            let succeeded = exit_status == Some(0);
+            status.provisioning = Some(ProvisioningStatus { script_sha256: sha256.clone(), succeeded });
+            status.failures = None;
+            let mut c = conditions(&mut status, machine, now);
+            if succeeded {
+                c.set(ConditionType::Provisioned, true, "Succeeded", "the provisioning script exited 0");
+                notes.push(Note::normal("Provisioned", "Provision", "the provisioning script exited 0"));
+            } else {
+                let exit = exit_status.map_or_else(|| "without an exit status".to_string(), |e| format!("with {e}"));
+                let message = format!(
+                    "the provisioning script exited {exit}; it runs again only when spec.provisioning.script changes. Last output:\n{output}"
+                );
+                c.set(ConditionType::Provisioned, false, "Failed", message.clone());
+                notes.push(Note::warning("ProvisioningFailed", "Provision", message));
+            }
+            summarize_ready(&mut c, machine);
             Plan { status, step: None, requeue: progress, notes }
         }
         Outcome::Failed { operation, error } => {
@@ -474,6 +565,26 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
 /// The status to show while `planned` runs: its phase and an InProgress `lastOperation`.
 pub fn begin(plan: &Plan, planned: &Planned, now: jiff::Timestamp) -> MachineStatus {
     let mut status = plan.status.clone();
+    if let Step::Provision { .. } | Step::CheckSsh = planned.step {
+        if matches!(planned.step, Step::Provision { .. }) {
+            let generation = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Provisioned")
+                .and_then(|c| c.observed_generation)
+                .unwrap_or_default();
+            crate::api::set_condition_status(
+                &mut status.conditions,
+                ConditionType::Provisioned,
+                "Unknown",
+                "Running",
+                "the provisioning script is running",
+                generation,
+                now,
+            );
+        }
+        return status;
+    }
     let message = match &planned.step {
         Step::Create => "creating the instance",
         Step::Start => "starting the instance",
@@ -483,6 +594,7 @@ pub fn begin(plan: &Plan, planned: &Planned, now: jiff::Timestamp) -> MachineSta
         Step::Restart => "restarting the instance",
         Step::HardRestart => "restarting the instance: kill, then start",
         Step::Remove => "removing the instance",
+        Step::CheckSsh | Step::Provision { .. } => unreachable!("handled above"),
     };
     last_operation(&mut status, planned.step.operation(), OperationResult::InProgress, message, now);
     status

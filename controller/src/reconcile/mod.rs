@@ -44,6 +44,8 @@ pub struct Input<'a> {
     pub observed: Observed,
     /// Whether the driver's instances are maintained over SSH.
     pub offers_ssh: bool,
+    /// The Secret holding the Machine's SSH key, for drivers that offer SSH.
+    pub ssh_key_secret: Option<String>,
     pub now: Timestamp,
     /// A random number in [0, 1) for jitter; fixed in tests.
     pub jitter: f64,
@@ -65,6 +67,12 @@ pub enum Step {
     /// Kill, then Start.
     HardRestart,
     Remove,
+    /// Connect over SSH with the Machine's key and run a no-op, pinning the host key.
+    CheckSsh,
+    /// Run `spec.provisioning.script` over SSH; `sha256` identifies the script.
+    Provision {
+        sha256: String,
+    },
 }
 
 impl Step {
@@ -77,6 +85,8 @@ impl Step {
             Step::Kill => Operation::Kill,
             Step::Restart | Step::HardRestart => Operation::Restart,
             Step::Remove => Operation::Remove,
+            // Not driver operations: they report in SSHReady and Provisioned.
+            Step::CheckSsh | Step::Provision { .. } => Operation::Status,
         }
     }
 }
@@ -113,6 +123,31 @@ pub enum Outcome {
         operation: Operation,
         error: DriverError,
     },
+    /// SSH answered with the Machine's key; the host key seen and where.
+    SshReady {
+        fingerprint: String,
+        host: String,
+        port: u16,
+        user: String,
+    },
+    /// SSH did not answer as it should.
+    SshFailed(SshFailure),
+    /// The provisioning script ran to an exit status (0 is success); `output` holds the
+    /// last lines it printed.
+    Provisioned {
+        exit_status: Option<u32>,
+        output: String,
+    },
+}
+
+/// Why an SSH check or a provisioning run failed, free of the SSH library's types.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SshFailure {
+    /// PascalCase: ConnectionRefused, Timeout, AuthFailed, HostKeyMismatch, Unreachable, ...
+    pub reason: &'static str,
+    pub message: String,
+    /// A slow boot (worth retrying) rather than a wrong setup.
+    pub retryable: bool,
 }
 
 /// An Event to publish about the Machine.

@@ -91,26 +91,62 @@ pub(super) fn record_failure(
     operation: Operation,
     error: &DriverError,
 ) -> (Option<Duration>, Note) {
+    let detail = match operation {
+        Operation::Status => format!("reading the instance failed: {error}"),
+        _ => format!("{operation} failed: {error}"),
+    };
+    let recorded = (operation != Operation::Status).then_some(operation);
+    let mut no_retry = "not retrying until the spec changes";
+    if let DriverError::NotSupported { .. } = error {
+        no_retry = "not retrying";
+    }
+    let (delay, mut note) = record_failure_parts(
+        status,
+        input,
+        recorded,
+        error_reason(error),
+        &detail,
+        error.is_retryable(),
+        error.retry_after(),
+    );
+    if delay.is_none() {
+        // The generic wording is for failures a spec change fixes; say it precisely.
+        note.message = note.message.replace("not retrying until the spec changes", no_retry);
+        if let Some(f) = status.failures.as_mut() {
+            f.message = note.message.clone();
+        }
+        if let Some(op) = status.last_operation.as_mut().filter(|_| recorded.is_some()) {
+            op.message = note.message.clone();
+        }
+    }
+    (delay, note)
+}
+
+/// Counts a failure, schedules its retry, and records it in `failures` (and in
+/// `lastOperation` when a driver operation failed).
+pub(super) fn record_failure_parts(
+    status: &mut MachineStatus,
+    input: &Input<'_>,
+    operation: Option<Operation>,
+    reason: &'static str,
+    detail: &str,
+    retryable: bool,
+    retry_after: Option<Duration>,
+) -> (Option<Duration>, Note) {
     let count = status.failures.as_ref().map_or(0, |f| f.count) + 1;
-    let delay = error.is_retryable().then(|| backoff_delay(input.settings, count, error.retry_after(), input.jitter));
+    let delay = retryable.then(|| backoff_delay(input.settings, count, retry_after, input.jitter));
     let next_retry_time = delay.map(|d| Time(input.now + SignedDuration::try_from(d).unwrap_or(SignedDuration::ZERO)));
     let what = match delay {
         Some(d) => format!("retrying in {}s (attempt {count})", d.as_secs()),
-        None => match error {
-            DriverError::NotSupported { .. } => "not retrying".to_string(),
-            _ => "not retrying until the spec changes".to_string(),
-        },
+        None => "not retrying until the spec changes".to_string(),
     };
-    let message = match operation {
-        Operation::Status => format!("reading the instance failed: {error}; {what}"),
-        _ => format!("{operation} failed: {error}; {what}"),
-    };
-    let reason = error_reason(error);
+    let message = format!("{detail}; {what}");
     status.failures = Some(Failures { count, reason: reason.to_string(), message: message.clone(), next_retry_time });
-    if operation != Operation::Status {
+    if let Some(operation) = operation {
         last_operation(status, operation, OperationResult::Failed, message.clone(), input.now);
     }
-    (delay, Note::warning(reason, operation.as_str(), message))
+    let action = operation.map_or("CheckSSH", |o| o.as_str());
+    (delay, Note::warning(reason, action, message))
 }
 
 /// The condition reason for a driver error: an invalid config is an invalid spec.
@@ -121,22 +157,42 @@ pub(super) fn error_reason(error: &DriverError) -> &'static str {
     }
 }
 
-/// SSHReady and Provisioned for this version: only drivers without SSH exist, so SSH is
-/// not applicable and provisioning (which needs SSH) is rejected as an invalid spec.
+/// SSHReady and Provisioned before this reconcile's step: for drivers without SSH, SSH
+/// is not applicable; with SSH, they keep what the last check and run recorded, and say
+/// what is pending otherwise.
 pub(super) fn ssh_conditions(c: &mut Conditions<'_>, machine: &Machine, driver_name: &str, offers_ssh: bool) {
-    if offers_ssh {
-        c.unknown(ConditionType::SSHReady, "NotChecked", "machinist does not check SSH for this driver");
-    } else {
+    if !offers_ssh {
         c.set(
             ConditionType::SSHReady,
             true,
             "NotApplicable",
             format!("the {driver_name} driver's instances are not maintained over SSH"),
         );
+    } else if get_condition(&c.status.conditions, ConditionType::SSHReady).is_none_or(|s| s.reason == "NotApplicable") {
+        c.unknown(ConditionType::SSHReady, "WaitingForSSH", "SSH is checked once the instance runs");
     }
-    if machine.spec.provisioning.is_none() {
-        c.set(ConditionType::Provisioned, true, "NotRequested", "spec.provisioning is not set");
+    match &machine.spec.provisioning {
+        None => c.set(ConditionType::Provisioned, true, "NotRequested", "spec.provisioning is not set"),
+        Some(provisioning) => {
+            let ran = c.status.provisioning.as_ref().filter(|p| p.script_sha256 == script_sha256(&provisioning.script));
+            let recorded = get_condition(&c.status.conditions, ConditionType::Provisioned)
+                .is_some_and(|p| p.reason == "Succeeded" || p.reason == "Failed");
+            if ran.is_none() || !recorded {
+                c.unknown(ConditionType::Provisioned, "Pending", "the script runs once SSH is ready");
+            }
+        }
     }
+}
+
+/// Whether SSH answered since the instance last (re)started.
+pub(super) fn ssh_ready(status: &MachineStatus) -> bool {
+    get_condition(&status.conditions, ConditionType::SSHReady).is_some_and(|c| c.status == "True")
+}
+
+/// The provisioning script's identity: it runs again only when this changes.
+pub fn script_sha256(script: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(script.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Derives `Ready`: a standing failure first (until an attempt succeeds), else from the

@@ -1881,6 +1881,9 @@ mod simulation {
                         self.set_state(State::Starting);
                         return Err(Outcome::Created(id));
                     }
+                    Step::CheckSsh | Step::Provision { .. } => {
+                        unreachable!("the model's driver offers no SSH")
+                    }
                     Step::Start => {
                         self.call(Operation::Start)?;
                         self.performed(&planned.cause);
@@ -1932,6 +1935,7 @@ mod simulation {
                 machine: &machine,
                 observed: observed.clone(),
                 offers_ssh: false,
+                ssh_key_secret: None,
                 now: self.now,
                 jitter: self.jitter,
                 settings: &SETTINGS,

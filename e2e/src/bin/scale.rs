@@ -313,12 +313,16 @@ async fn run_once(
             get("finalizer") + get("status") + get("other"),
             get("events")
         );
-        s.reset_write_counts();
     } else {
         println!("API writes per Machine: not counted against a real cluster");
     }
 
-    // Idle: everything converged; nothing should be written.
+    // Idle: everything converged; nothing should be written. The window opens a moment
+    // after the last Machine turned Ready, once the Events about that have gone out.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if let Some(s) = server {
+        s.reset_write_counts();
+    }
     let status_before =
         process.metric("machinist_driver_call_duration_seconds_count{driver=\"fake\",operation=\"Status\"").await?;
     let idle_started = Instant::now();

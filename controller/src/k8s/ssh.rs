@@ -1,0 +1,227 @@
+//! SSH for drivers that offer it: the Machine's key Secret, the readiness check with
+//! host key pinning, and the provisioning run. What they conclude is folded into status
+//! by the pure decision (`Outcome::SshReady`, `SshFailed`, `Provisioned`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::PostParams;
+use kube::{Api, Client, Resource, ResourceExt};
+use machinist_drivers::ssh::{self, SshAuth, SshError, SshPrivateKey, SshTarget};
+use machinist_drivers::{Driver, DriverError};
+
+use crate::api::{ACCEPT_HOST_KEY_ANNOTATION, Machine, machine_labels};
+use crate::reconcile::{Outcome, SshFailure};
+
+/// How long each SSH step (connect, login, command) of a readiness check may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a provisioning script may run.
+const PROVISION_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// How many lines of a failed script's output go into the condition message.
+const OUTPUT_LINES: usize = 20;
+
+/// The Machine's SSH key and the Secret it lives in.
+pub struct MachineKey {
+    pub secret_name: String,
+    pub key: SshPrivateKey,
+}
+
+/// The Secret machinist generates for a Machine without `spec.ssh.keySecretRef`.
+pub fn generated_secret_name(machine: &Machine) -> String {
+    let name = machine.name_any();
+    if name.len() <= 245 {
+        format!("{name}-ssh-key")
+    } else {
+        format!("machine-{}-ssh-key", machine.uid().unwrap_or_default())
+    }
+}
+
+/// The Machine's key: from `spec.ssh.keySecretRef` (never changed or deleted by
+/// machinist), or an ed25519 key pair generated once into a `kubernetes.io/ssh-auth`
+/// Secret owned by the Machine (so it goes when the Machine goes).
+pub async fn machine_key(machine: &Machine, client: &Client) -> Result<MachineKey, DriverError> {
+    let ns = machine.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    if let Some(reference) = machine.spec.ssh.as_ref().and_then(|s| s.key_secret_ref.as_ref()) {
+        let field = "spec.ssh.keySecretRef";
+        let secret = secrets
+            .get_opt(&reference.name)
+            .await
+            .map_err(|e| DriverError::transient(format!("reading the SSH key Secret {ns}/{}: {e}", reference.name)))?
+            .ok_or_else(|| DriverError::NotFound {
+                message: format!("the SSH key Secret {ns}/{} ({field}) does not exist", reference.name),
+            })?;
+        let key = private_key_of(&secret).map_err(|message| {
+            DriverError::invalid_config(field, format!("Secret {ns}/{}: {message}", reference.name))
+        })?;
+        return Ok(MachineKey { secret_name: reference.name.clone(), key });
+    }
+
+    let name = generated_secret_name(machine);
+    let uid = machine.uid().unwrap_or_default();
+    let existing = secrets
+        .get_opt(&name)
+        .await
+        .map_err(|e| DriverError::transient(format!("reading the SSH key Secret {ns}/{name}: {e}")))?;
+    let secret = match existing {
+        Some(secret) => secret,
+        None => {
+            let pair = ssh::generate_ed25519(&format!("machinist:{ns}/{}", machine.name_any()));
+            let secret = Secret {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    labels: Some(machine_labels(&machine.name_any())),
+                    owner_references: Some(vec![owner_reference(machine)]),
+                    ..Default::default()
+                },
+                type_: Some("kubernetes.io/ssh-auth".into()),
+                data: Some(BTreeMap::from([
+                    ("ssh-privatekey".to_string(), ByteString(pair.private_openssh.expose().as_bytes().to_vec())),
+                    ("ssh-publickey".to_string(), ByteString(pair.public_openssh.as_bytes().to_vec())),
+                ])),
+                ..Default::default()
+            };
+            match secrets.create(&PostParams::default(), &secret).await {
+                Ok(created) => created,
+                // Made meanwhile (a reconcile from a stale cache): use that one.
+                Err(kube::Error::Api(e)) if e.code == 409 => secrets
+                    .get(&name)
+                    .await
+                    .map_err(|e| DriverError::transient(format!("reading the SSH key Secret {ns}/{name}: {e}")))?,
+                Err(e) => {
+                    return Err(DriverError::transient(format!("creating the SSH key Secret {ns}/{name}: {e}")));
+                }
+            }
+        }
+    };
+    let owned = secret.owner_references().iter().any(|o| o.uid == uid);
+    if !owned {
+        return Err(DriverError::invalid_config(
+            "spec.ssh.keySecretRef",
+            format!(
+                "the Secret {ns}/{name} exists and does not belong to this Machine; delete it, or name it in spec.ssh.keySecretRef to use its key"
+            ),
+        ));
+    }
+    let key = private_key_of(&secret)
+        .map_err(|message| DriverError::transient(format!("the generated SSH key Secret {ns}/{name}: {message}")))?;
+    Ok(MachineKey { secret_name: name, key })
+}
+
+fn private_key_of(secret: &Secret) -> Result<SshPrivateKey, String> {
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("ssh-privatekey"))
+        .map(|b| b.0.clone())
+        .ok_or_else(|| "it has no ssh-privatekey".to_string())?;
+    SshPrivateKey::from_bytes(&bytes).map_err(|e| e.to_string())
+}
+
+fn owner_reference(machine: &Machine) -> OwnerReference {
+    OwnerReference {
+        api_version: Machine::api_version(&()).into_owned(),
+        kind: Machine::kind(&()).into_owned(),
+        name: machine.name_any(),
+        uid: machine.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// Where to reach the instance: the driver's endpoint, with `spec.ssh` overriding the
+/// user and port.
+async fn target(driver: &dyn Driver, id: &str, machine: &Machine) -> Result<SshTarget, SshFailure> {
+    let endpoint = match driver.ssh_endpoint(id).await {
+        Ok(Some(endpoint)) => endpoint,
+        Ok(None) => {
+            return Err(SshFailure {
+                reason: "NoSSHEndpoint",
+                message: "the driver reports no SSH endpoint for the instance yet".into(),
+                retryable: true,
+            });
+        }
+        Err(e) => return Err(SshFailure { reason: e.reason(), message: e.to_string(), retryable: e.is_retryable() }),
+    };
+    let spec = machine.spec.ssh.as_ref();
+    let port = spec.and_then(|s| s.port).unwrap_or(endpoint.port);
+    let user = spec.and_then(|s| s.user.clone()).unwrap_or(endpoint.user);
+    Ok(SshTarget::new(endpoint.host, port, user))
+}
+
+fn failure(error: &SshError) -> SshFailure {
+    let message = match error {
+        SshError::HostKeyMismatch { found, .. } => format!(
+            "{error}. To accept the new key, annotate the Machine: kubectl annotate machine <name> {ACCEPT_HOST_KEY_ANNOTATION}={found}"
+        ),
+        _ => error.to_string(),
+    };
+    // A refused login right after boot is often a key not installed yet: retried, with
+    // its own reason, so a wrong setup still shows as AuthFailed.
+    let retryable = !matches!(error, SshError::HostKeyMismatch { .. });
+    SshFailure { reason: error.reason(), message, retryable }
+}
+
+/// The pinned host key, or the one the accept annotation names when the pinned one no
+/// longer matches.
+fn accepted_key(machine: &Machine, found: &str) -> bool {
+    machine.annotations().get(ACCEPT_HOST_KEY_ANNOTATION).is_some_and(|a| a == found)
+}
+
+/// Connects with the Machine's key and runs a no-op; pins the host key at first contact.
+pub async fn check(driver: &dyn Driver, id: &str, machine: &Machine, key: &MachineKey) -> Outcome {
+    let target = match target(driver, id, machine).await {
+        Ok(t) => t,
+        Err(f) => return Outcome::SshFailed(f),
+    };
+    let auth = SshAuth::key(key.key.clone());
+    let pinned = machine.status.as_ref().and_then(|s| s.ssh.as_ref()).and_then(|s| s.host_key_fingerprint.clone());
+    let mut result = ssh::check_ready_within(&target, &auth, pinned.as_deref(), CHECK_TIMEOUT).await;
+    if let Err(SshError::HostKeyMismatch { found, .. }) = &result
+        && accepted_key(machine, found)
+    {
+        let found = found.clone();
+        result = ssh::check_ready_within(&target, &auth, Some(&found), CHECK_TIMEOUT).await;
+    }
+    match result {
+        Ok(fingerprint) => {
+            Outcome::SshReady { fingerprint, host: target.host.clone(), port: target.port, user: target.user.clone() }
+        }
+        Err(e) => Outcome::SshFailed(failure(&e)),
+    }
+}
+
+/// Runs the provisioning script with `sh -s` (the script on standard input).
+pub async fn provision(driver: &dyn Driver, id: &str, machine: &Machine, key: &MachineKey) -> Outcome {
+    let Some(script) = machine.spec.provisioning.as_ref().map(|p| p.script.clone()) else {
+        return Outcome::Provisioned { exit_status: Some(0), output: String::new() };
+    };
+    let target = match target(driver, id, machine).await {
+        Ok(t) => t,
+        Err(f) => return Outcome::SshFailed(f),
+    };
+    let pinned = machine.status.as_ref().and_then(|s| s.ssh.as_ref()).and_then(|s| s.host_key_fingerprint.clone());
+    let session = match ssh::connect(&target, &SshAuth::key(key.key.clone()), pinned.as_deref(), CHECK_TIMEOUT).await {
+        Ok(s) => s,
+        Err(e) => return Outcome::SshFailed(failure(&e)),
+    };
+    let result = session.run("sh -s", Some(script.as_bytes()), PROVISION_TIMEOUT).await;
+    session.close().await;
+    match result {
+        Ok(output) => {
+            let mut text = output.stdout_text();
+            text.push_str(&output.stderr_text());
+            let exit_status = output.exit_signal.is_none().then_some(output.exit_status);
+            Outcome::Provisioned { exit_status, output: last_lines(&text, OUTPUT_LINES) }
+        }
+        Err(e) => Outcome::SshFailed(failure(&e)),
+    }
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
