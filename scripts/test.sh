@@ -14,6 +14,14 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 cargo nextest --version
+# A real OpenSSH server for the SSH tests (they start their own sshd on loopback).
+if [ ! -x /usr/sbin/sshd ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server
+  # The package may start the system's sshd; the tests need none of it.
+  service ssh stop >/dev/null 2>&1 || true
+fi
+/usr/sbin/sshd -V 2>&1 | head -1 || true
 
 step "formatting"
 cargo fmt --all -- --check

@@ -23,7 +23,7 @@ use machinist::reconcile::Settings;
 use machinist::run::RunConfig;
 use machinist_drivers::fake::{FakeStore, InstanceRecord};
 use machinist_test_apiserver::TestApiServer;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use tokio::sync::{OnceCell, oneshot};
 use tokio::task::JoinHandle;
@@ -88,10 +88,37 @@ pub async fn client() -> Result<(Client, &'static Backend)> {
     Ok((client, backend))
 }
 
+/// Everything the machinist crates logged in this process, at debug level, whatever
+/// `MACHINIST_E2E_LOG` shows: tests grep it (e.g. for secrets that must never be logged).
+static CAPTURED: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&CAPTURED.lock().expect("not poisoned")).into_owned()
+}
+
+struct Capture;
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        CAPTURED.lock().expect("not poisoned").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MACHINIST_E2E_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer, fmt};
+    let shown = EnvFilter::try_from_env("MACHINIST_E2E_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let captured = EnvFilter::new("machinist=debug,machinist_drivers=debug");
+    let _ = tracing_subscriber::registry()
+        .with(fmt::layer().with_test_writer().with_filter(shown))
+        .with(fmt::layer().with_ansi(false).with_writer(|| Capture).with_filter(captured))
+        .try_init();
 }
 
 /// Applies `crds/machine.yaml` (the committed, generated CRD) and waits for Established.

@@ -84,6 +84,12 @@ async fn generic_machine_over_ssh_end_to_end() -> Result<()> {
         let text = serde_json::to_string(&event)?;
         assert!(!text.contains(&body) && !text.contains("PRIVATE KEY"), "the private key leaked into an Event");
     }
+    let logs = machinist_e2e::captured_logs();
+    assert!(logs.contains("SSHReady"), "the controller's logs are captured");
+    assert!(!logs.contains(&body) && !logs.contains("PRIVATE KEY"), "the private key leaked into the logs");
+    let bootstrap = sshd.bootstrap_private_key();
+    let bootstrap_body = bootstrap.lines().nth(1).unwrap_or_default();
+    assert!(!logs.contains(bootstrap_body), "the bootstrap credentials leaked into the logs");
 
     // A host key change is refused (never re-pinned), then accepted on request.
     let new_key = sshd.new_host_key();

@@ -81,7 +81,10 @@ impl Error {
 #[instrument(skip_all, fields(machine = %obj_name(&obj), namespace = obj_namespace(&obj)))]
 pub async fn reconcile(obj: Arc<DeserializeGuard<Machine>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let machine = match &obj.0 {
-        Ok(machine) => Arc::new(ctx.written.latest(machine.clone())),
+        // The watch has not delivered our last status write yet: it is on its way and
+        // wakes this Machine again; deciding now would be from an older status.
+        Ok(machine) if !ctx.written.is_current(machine) => return Ok(Action::requeue(Duration::from_millis(500))),
+        Ok(machine) => Arc::new(machine.clone()),
         Err(invalid) => return Err(report_invalid_object(invalid, &ctx).await),
     };
     let ns = machine.namespace().unwrap_or_default();

@@ -8,58 +8,60 @@ use serde_json::json;
 
 use crate::api::{FIELD_MANAGER, Machine, MachineStatus};
 
-/// The statuses machinist wrote that the watch cache may not show yet.
+/// The resourceVersions of machinist's own recent status writes.
 ///
-/// Only machinist writes a Machine's status, so the last status it wrote is the truth.
-/// A reconcile woken by one of its own writes can see an object from before a later
-/// write; deciding from that would repeat a step (a second Stop, a second restart).
-/// An entry goes as soon as the cache shows its write, or after [`REMEMBER`] (the cache
-/// lags by milliseconds), so this stays small at any number of Machines.
+/// Only machinist writes a Machine's status. A reconcile woken by one of its own writes
+/// can start from a cached object older than a later write; deciding from that would
+/// repeat a step (a second Stop, a second restart). So a reconcile whose cached Machine
+/// is older than machinist's last write waits for the watch to deliver it. Entries go
+/// once the cache shows the write, or after [`REMEMBER`]; each is a few dozen bytes.
 #[derive(Default)]
 pub struct WrittenStatuses(Mutex<Written>);
 
 #[derive(Default)]
 struct Written {
-    by_uid: HashMap<String, (String, MachineStatus, Instant)>,
+    by_uid: HashMap<String, (String, Instant)>,
     swept: Option<Instant>,
 }
 
-/// Far longer than the watch cache lags behind a write, even under load; short enough
-/// that the remembered statuses stay a few megabytes at hundreds of writes a second.
+/// Far longer than the watch cache lags behind a write, even under load.
 const REMEMBER: Duration = Duration::from_secs(5);
 
 impl WrittenStatuses {
-    /// The Machine with the last status machinist wrote for it.
-    pub fn latest(&self, mut machine: Machine) -> Machine {
+    /// Whether the cached Machine already shows machinist's last status write.
+    pub fn is_current(&self, machine: &Machine) -> bool {
         let uid = machine.uid().unwrap_or_default();
         let mut written = self.0.lock().expect("not poisoned");
-        if let Some((version, status, _)) = written.by_uid.get(&uid) {
-            if machine.resource_version().as_deref() == Some(version.as_str())
-                || machine.status.as_ref() == Some(status)
-            {
-                written.by_uid.remove(&uid);
-            } else {
-                machine.status = Some(status.clone());
-            }
+        let Some((version, at)) = written.by_uid.get(&uid) else { return true };
+        let cached = machine.resource_version().unwrap_or_default();
+        // resourceVersions are opaque, but etcd's are integers that only grow: compare
+        // them as such when both parse, else only recognise our own write.
+        let caught_up = match (cached.parse::<u64>(), version.parse::<u64>()) {
+            (Ok(c), Ok(v)) => c >= v,
+            _ => cached == *version,
+        };
+        if caught_up || at.elapsed() > REMEMBER {
+            written.by_uid.remove(&uid);
+            return true;
         }
-        machine
+        false
     }
 
-    fn record(&self, uid: String, version: String, status: MachineStatus) {
+    fn record(&self, uid: String, version: String) {
         let now = Instant::now();
         let mut written = self.0.lock().expect("not poisoned");
         if written.swept.is_none_or(|t| now.duration_since(t) > Duration::from_secs(1)) {
-            written.by_uid.retain(|_, (_, _, at)| now.duration_since(*at) < REMEMBER);
+            written.by_uid.retain(|_, (_, at)| now.duration_since(*at) < REMEMBER);
             written.swept = Some(now);
         }
-        written.by_uid.insert(uid, (version, status, now));
+        written.by_uid.insert(uid, (version, now));
     }
 
     pub fn forget(&self, machine: &Machine) {
         self.0.lock().expect("not poisoned").by_uid.remove(&machine.uid().unwrap_or_default());
     }
 
-    /// How many statuses are remembered now.
+    /// How many writes are remembered now.
     pub fn len(&self) -> usize {
         self.0.lock().expect("not poisoned").by_uid.len()
     }
@@ -90,11 +92,7 @@ pub async fn patch_status(
     let params = PatchParams::apply(FIELD_MANAGER).force();
     match api.patch_status(&machine.name_any(), &params, &Patch::Apply(&patch)).await {
         Ok(updated) => {
-            written.record(
-                machine.uid().unwrap_or_default(),
-                updated.resource_version().unwrap_or_default(),
-                new.clone(),
-            );
+            written.record(machine.uid().unwrap_or_default(), updated.resource_version().unwrap_or_default());
             Ok(true)
         }
         // Deleted meanwhile: nothing to report on.
