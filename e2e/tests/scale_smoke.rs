@@ -24,6 +24,7 @@ fn scale_benchmark_runs_at_small_n() {
         "idle 2 s: 0 writes, 0 events",
         "driver Status calls per Machine per minute",
         "peak RSS",
+        "RSS after the idle window",
         "deleted all 20",
     ] {
         assert!(stdout.contains(wanted), "{wanted:?} missing from:\n{stdout}");

@@ -4,7 +4,7 @@
 //! kube-runtime 5.0's `Recorder` keeps every Event it published for six minutes and
 //! sweeps its whole cache on every publish; at 10,000 Machines that is tens of
 //! megabytes and quadratic work. Here each series is remembered by a hash and the name
-//! of its Event, and the cache is swept once a minute.
+//! of its Event (a timestamp), and the cache is swept once a minute.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -32,8 +32,9 @@ pub struct EventNote<'a> {
     pub note: &'a str,
 }
 
+/// A series: its Event's name is `<object>.<stamp as hex>`, rebuilt rather than stored.
 struct Series {
-    name: String,
+    stamp: u64,
     count: i32,
     last: Instant,
 }
@@ -76,24 +77,26 @@ impl EventPublisher {
                 Some(s) => {
                     s.count += 1;
                     s.last = now;
-                    Some((s.name.clone(), s.count))
+                    Some((s.stamp, s.count))
                 }
                 None => None,
             }
         };
         let events: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
+        let base = regarding.name.clone().unwrap_or_else(|| self.controller.clone());
         match repeat {
-            Some((name, count)) => {
+            Some((stamp, count)) => {
+                let name = format!("{base}.{stamp:x}");
                 let series = EventSeries { count, last_observed_time: MicroTime(Timestamp::now()) };
                 let patch = json!({ "series": series });
                 events.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
             }
             None => {
                 let stamp = Timestamp::now();
-                let base = regarding.name.clone().unwrap_or_else(|| self.controller.clone());
-                let name = format!("{base}.{:x}", stamp.as_nanosecond());
+                let nanos = u64::try_from(stamp.as_nanosecond()).unwrap_or_default();
+                let name = format!("{base}.{nanos:x}");
                 let created = Event {
-                    metadata: ObjectMeta { name: Some(name.clone()), namespace: Some(namespace), ..Default::default() },
+                    metadata: ObjectMeta { name: Some(name), namespace: Some(namespace), ..Default::default() },
                     action: Some(event.action.to_string()),
                     reason: Some(event.reason.to_string()),
                     note: Some(event.note.to_string()),
@@ -106,7 +109,7 @@ impl EventPublisher {
                 };
                 events.create(&PostParams::default(), &created).await?;
                 let mut guard = self.series.lock().expect("not poisoned");
-                guard.0.insert(key, Series { name, count: 1, last: now });
+                guard.0.insert(key, Series { stamp: nanos, count: 1, last: now });
             }
         }
         Ok(())

@@ -24,8 +24,9 @@ struct Written {
     swept: Option<Instant>,
 }
 
-/// Far longer than the watch cache lags behind a write, even under load.
-const REMEMBER: Duration = Duration::from_secs(5);
+/// Far longer than the watch cache lags behind a write, even under heavy load (entries
+/// usually go within milliseconds, when the watch delivers the write).
+const REMEMBER: Duration = Duration::from_secs(30);
 
 impl WrittenStatuses {
     /// Whether the cached Machine already shows machinist's last status write.

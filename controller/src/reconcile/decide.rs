@@ -17,6 +17,10 @@ use crate::api::{
     get_condition,
 };
 
+/// How many SSH checks in a row may fail before machinist stops retrying (with the
+/// default backoff, about eight minutes), unlike docker-machine's fixed 60 × 3 s.
+pub const MAX_SSH_ATTEMPTS: u32 = 10;
+
 /// Decides the next step for a live (not deleting) Machine.
 pub fn plan(input: &Input<'_>) -> Plan {
     let machine = input.machine;
@@ -461,6 +465,13 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
                     "the instance (re)started; SSH is checked again",
                 );
             }
+            if input.offers_ssh && matches!(planned.step, Step::Stop { .. } | Step::Kill) {
+                conditions(&mut status, machine, now).unknown(
+                    ConditionType::SSHReady,
+                    "InstanceStopped",
+                    "the instance is stopped; SSH is checked when it runs again",
+                );
+            }
             status.phase = Some(phase);
             let warning = reason == "StopTimedOut";
             notes.push(Note { warning, reason, action: operation.as_str(), message });
@@ -494,9 +505,21 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
                 Step::Provision { .. } => "provisioning could not run: ",
                 _ => "",
             };
-            let detail = format!("{what}{}", failure.message);
+            // Bounded: after MAX_SSH_ATTEMPTS in a row, no more retries until the Machine
+            // changes (a spec edit, a restart request).
+            let attempts = status.failures.as_ref().map_or(0, |f| f.count) + 1;
+            let exhausted = attempts >= MAX_SSH_ATTEMPTS;
+            let detail = if exhausted && failure.retryable {
+                format!(
+                    "{what}{}; gave up after {attempts} attempts: fix the cause, then change the Machine's spec (for example set spec.restartRequest) to try again",
+                    failure.message
+                )
+            } else {
+                format!("{what}{}", failure.message)
+            };
+            let retryable = failure.retryable && !exhausted;
             let (delay, note) =
-                record_failure_parts(&mut status, input, None, failure.reason, &detail, failure.retryable, None);
+                record_failure_parts(&mut status, input, None, failure.reason, &detail, retryable, None);
             notes.push(note);
             let message = status.failures.as_ref().map(|f| f.message.clone()).unwrap_or_default();
             let mut c = conditions(&mut status, machine, now);

@@ -2085,3 +2085,89 @@ mod simulation {
         }
     }
 }
+
+#[test]
+fn ssh_failures_are_retried_with_backoff_then_given_up() {
+    use crate::reconcile::{SshFailure, decide::MAX_SSH_ATTEMPTS};
+    let mut machine = was(State::Running)(Machine::test());
+    let mut when = now();
+    let mut delays = Vec::new();
+    for attempt in 1..=MAX_SSH_ATTEMPTS {
+        let input = ssh_input_at(&machine, when);
+        let planned = plan(&input);
+        let step = planned.step.clone().unwrap_or_else(|| panic!("attempt {attempt}: no SSH check planned"));
+        assert_eq!(step.step, Step::CheckSsh);
+        let refused =
+            SshFailure { reason: "ConnectionRefused", message: "ssh x: connection refused".into(), retryable: true };
+        let recorded = record(&input, &planned, &step, Outcome::SshFailed(refused));
+        assert_eq!(cond(&recorded.status, ConditionType::SSHReady), Some(("False", "ConnectionRefused")));
+        assert_eq!(cond(&recorded.status, ConditionType::Ready).map(|c| c.1), Some("ConnectionRefused"));
+        delays.push(recorded.requeue);
+        machine = feed(&machine, &recorded.status);
+        when += jiff::SignedDuration::from_secs(400);
+    }
+    // Backoff between attempts, growing; the last one gives up.
+    assert!(delays[..delays.len() - 1].windows(2).all(|w| w[0] <= w[1]), "{delays:?}");
+    let failures = machine.status.as_ref().unwrap().failures.clone().unwrap();
+    assert_eq!(failures.next_retry_time, None);
+    assert!(failures.message.contains("gave up after 10 attempts"), "{}", failures.message);
+    // No more attempts at this generation, however long; a spec change brings one.
+    assert_eq!(plan(&ssh_input_at(&machine, when + jiff::SignedDuration::from_secs(86_400))).step, None);
+    let changed = machine.clone().with_generation(2);
+    assert_eq!(plan(&ssh_input_at(&changed, when)).step.map(|p| p.step), Some(Step::CheckSsh));
+}
+
+#[test]
+fn host_key_mismatch_is_never_retried_until_accepted() {
+    use crate::reconcile::SshFailure;
+    let machine = was(State::Running)(Machine::test());
+    let planned = plan(&ssh_input(&machine));
+    let step = planned.step.clone().unwrap();
+    let mismatch = SshFailure { reason: "HostKeyMismatch", message: "the host key changed".into(), retryable: false };
+    let recorded = record(&ssh_input(&machine), &planned, &step, Outcome::SshFailed(mismatch));
+    assert_eq!(recorded.status.failures.as_ref().unwrap().next_retry_time, None);
+    assert_eq!(warnings(&recorded.notes), ["HostKeyMismatch"]);
+    let machine = feed(&machine, &recorded.status);
+    assert_eq!(plan(&ssh_input(&machine)).step, None, "a changed host key is not retried");
+    let mut accepting = machine.clone();
+    accepting.metadata.annotations =
+        Some([("machinist.dev/accept-host-key".to_string(), "SHA256:new".to_string())].into_iter().collect());
+    assert_eq!(plan(&ssh_input(&accepting)).step.map(|p| p.step), Some(Step::CheckSsh));
+}
+
+#[test]
+fn ssh_ready_pins_the_host_key_and_provisioning_runs_once_per_script() {
+    let machine = was(State::Running)(Machine::test().with_provisioning("echo hi"));
+    let planned = plan(&ssh_input(&machine));
+    let step = planned.step.clone().unwrap();
+    assert_eq!(step.step, Step::CheckSsh);
+    let ready = Outcome::SshReady { fingerprint: "SHA256:abc".into(), host: "h".into(), port: 22, user: "u".into() };
+    let recorded = record(&ssh_input(&machine), &planned, &step, ready);
+    assert_eq!(recorded.status.ssh.as_ref().unwrap().host_key_fingerprint.as_deref(), Some("SHA256:abc"));
+    let machine = feed(&machine, &recorded.status);
+    let planned = plan(&ssh_input(&machine));
+    let step = planned.step.clone().unwrap();
+    assert!(matches!(step.step, Step::Provision { .. }), "{step:?}");
+    let recorded = record(
+        &ssh_input(&machine),
+        &planned,
+        &step,
+        Outcome::Provisioned { exit_status: Some(0), output: String::new() },
+    );
+    assert_eq!(cond(&recorded.status, ConditionType::Provisioned), Some(("True", "Succeeded")));
+    let machine = feed(&machine, &recorded.status);
+    let again = plan(&ssh_input(&machine));
+    assert_eq!(again.step, None, "provisioning is not rerun for the same script");
+    assert_eq!(cond(&again.status, ConditionType::Ready), Some(("True", "Ready")));
+    let changed = machine.clone().with_provisioning("echo bye");
+    assert!(matches!(plan(&ssh_input(&changed)).step.map(|p| p.step), Some(Step::Provision { .. })));
+}
+
+/// A running instance of a driver that offers SSH, at `when`.
+fn ssh_input_at(machine: &Machine, when: jiff::Timestamp) -> Input<'_> {
+    Input { offers_ssh: true, ..input_at(machine, instance(State::Running), when) }
+}
+
+fn ssh_input(machine: &Machine) -> Input<'_> {
+    ssh_input_at(machine, now())
+}

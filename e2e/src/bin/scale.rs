@@ -149,11 +149,11 @@ impl ControllerProcess {
         Ok(ControllerProcess { child, metrics })
     }
 
-    /// Peak resident memory (VmHWM) in KiB.
-    fn peak_rss_kib(&self) -> Result<u64> {
+    /// A memory figure of /proc/<pid>/status in KiB: VmHWM (peak RSS) or VmRSS (now).
+    fn memory_kib(&self, field: &str) -> Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM")?;
-        Ok(line.split_whitespace().nth(1).context("VmHWM value")?.parse()?)
+        let line = status.lines().find(|l| l.starts_with(field)).with_context(|| format!("no {field}"))?;
+        Ok(line.split_whitespace().nth(1).context("a value")?.parse()?)
     }
 
     /// CPU seconds (user + system) used so far.
@@ -338,8 +338,9 @@ async fn run_once(
     }
     println!("idle: {:.2} driver Status calls per Machine per minute", status_calls / n as f64 / (idle / 60.0));
     println!(
-        "controller: peak RSS {:.1} MiB, {:.1} CPU seconds",
-        process.peak_rss_kib()? as f64 / 1024.0,
+        "controller: peak RSS {:.1} MiB, RSS after the idle window {:.1} MiB, {:.1} CPU seconds",
+        process.memory_kib("VmHWM:")? as f64 / 1024.0,
+        process.memory_kib("VmRSS:")? as f64 / 1024.0,
         process.cpu_seconds()?
     );
 
