@@ -171,3 +171,26 @@ async fn wrong_bootstrap_credentials_are_reported() -> Result<()> {
     assert!(ready.message.contains("spec.credentialsSecretRef") || ready.reason == "AuthFailed", "{ready:?}");
     env.cleanup().await
 }
+
+#[tokio::test]
+async fn fake_machine_with_an_ssh_endpoint_is_ready_once_its_key_is_authorized() -> Result<()> {
+    let sshd = TestSshd::start();
+    let env = Env::new("fakessh").await?;
+    let endpoint = format!("{{sshEndpoint: {{host: {}, port: {}, user: {}}}}}", sshd.host(), sshd.port(), sshd.user);
+    env.create(&machinist_e2e::fake_machine("m", &endpoint, "")).await?;
+    // The fake installs no key: until someone (cloud-init, here the test) authorizes the
+    // Machine's key, the login is refused and retried with backoff.
+    let refused = env.wait_condition("m", ConditionType::SSHReady, "False", Some("AuthFailed")).await?;
+    let failures = refused.status.clone().unwrap().failures.unwrap();
+    assert!(failures.next_retry_time.is_some() && failures.message.contains("retrying in"), "{failures:?}");
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    let public = String::from_utf8(secrets.get("m-ssh-key").await?.data.unwrap()["ssh-publickey"].0.clone())?;
+    let path = sshd.authorized_keys_path();
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    std::fs::write(&path, format!("{}\n", public.trim()))?;
+    let ready = env.wait_ready("m").await?;
+    ensure_eq(condition(&ready, ConditionType::SSHReady).unwrap().reason.as_str(), "Ready", "SSHReady")?;
+    let ssh = ready.status.unwrap().ssh.unwrap();
+    ensure_eq(ssh.host_key_fingerprint, Some(sshd.host_key_fingerprint()), "pinned host key")?;
+    env.cleanup().await
+}

@@ -3,8 +3,11 @@
 //!
 //! kube-runtime 5.0's `Recorder` keeps every Event it published for six minutes and
 //! sweeps its whole cache on every publish; at 10,000 Machines that is tens of
-//! megabytes and quadratic work. Here each series is remembered by a hash and the name
-//! of its Event (a timestamp), and the cache is swept once a minute.
+//! megabytes and quadratic work. Here only Warnings are folded into series (a failure
+//! retried with backoff repeats; a transition such as `Created` or `Ready` rarely
+//! does, and a repeat is its own Event, as core controllers publish them), each series
+//! is remembered by a hash and its Event's timestamp, and the cache is swept once a
+//! minute.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -61,8 +64,9 @@ impl EventPublisher {
         let namespace = regarding.namespace.clone().unwrap_or_else(|| "default".into());
         let key = {
             let mut h = DefaultHasher::new();
-            (&regarding.uid, &regarding.name, &namespace, event.warning, event.reason, event.action, event.note)
-                .hash(&mut h);
+            // As kube-runtime's Recorder: the note is not part of the key, so retries whose
+            // messages differ (attempt counts) still fold into one series.
+            (&regarding.uid, &regarding.name, &namespace, event.warning, event.reason, event.action).hash(&mut h);
             h.finish()
         };
         let now = Instant::now();
@@ -108,8 +112,10 @@ impl EventPublisher {
                     ..Default::default()
                 };
                 events.create(&PostParams::default(), &created).await?;
-                let mut guard = self.series.lock().expect("not poisoned");
-                guard.0.insert(key, Series { stamp: nanos, count: 1, last: now });
+                if event.warning {
+                    let mut guard = self.series.lock().expect("not poisoned");
+                    guard.0.insert(key, Series { stamp: nanos, count: 1, last: now });
+                }
             }
         }
         Ok(())

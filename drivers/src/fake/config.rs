@@ -28,6 +28,27 @@ pub struct FakeConfig {
     /// leaves the instance `Stopping` until it is killed.
     #[serde(default)]
     pub graceful_stop: GracefulStop,
+    /// Where the fake instance answers SSH (for example an sshd of your own): the fake
+    /// driver then offers SSH, and machinist checks it and runs `spec.provisioning`
+    /// there. The fake driver installs no key: authorize the Machine's public key (its
+    /// Secret's `ssh-publickey`) on that endpoint yourself, as cloud-init would.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_endpoint: Option<FakeSshEndpoint>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FakeSshEndpoint {
+    #[schemars(length(min = 1, max = 253))]
+    pub host: String,
+    /// Default 22.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<u16>,
+    /// Default `root`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub user: Option<String>,
 }
 
 /// Per-operation latency in milliseconds; `default` applies to operations not listed.

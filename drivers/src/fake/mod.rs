@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use jiff::Timestamp;
 
-pub use config::{FailureRule, FakeConfig, FakeErrorKind, FakeLatency, GracefulStop, INSTANCE_TYPES};
+pub use config::{FailureRule, FakeConfig, FakeErrorKind, FakeLatency, FakeSshEndpoint, GracefulStop, INSTANCE_TYPES};
 pub use store::{FakeStore, InstanceRecord};
 
 use crate::{
@@ -130,7 +130,7 @@ impl Driver for FakeDriver {
     }
 
     fn offers_ssh(&self) -> bool {
-        false
+        self.config.ssh_endpoint.is_some()
     }
 
     async fn find(&self) -> Result<Option<Instance>, DriverError> {
@@ -228,7 +228,13 @@ impl Driver for FakeDriver {
         ])
     }
 
-    async fn ssh_endpoint(&self, _id: &str) -> Result<Option<SshEndpoint>, DriverError> {
-        Ok(None)
+    async fn ssh_endpoint(&self, id: &str) -> Result<Option<SshEndpoint>, DriverError> {
+        let Some(endpoint) = &self.config.ssh_endpoint else { return Ok(None) };
+        self.load(id)?;
+        Ok(Some(SshEndpoint {
+            host: endpoint.host.clone(),
+            port: endpoint.port.unwrap_or(22),
+            user: endpoint.user.clone().unwrap_or_else(|| "root".into()),
+        }))
     }
 }
