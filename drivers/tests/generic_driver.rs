@@ -13,7 +13,7 @@ use machinist_drivers::{
     AddressType, CreateRequest, Credentials, Driver, DriverError, DriverSpec, Drivers, Instance, MachineRef, Operation,
     SshEndpoint, State,
 };
-use machinist_test_sshd::{TestSshd, free_port};
+use machinist_test_sshd::{TestSshd, free_port, silent_listener};
 
 const UID: &str = "5f1c2b7e-8d3a-4e6f-9a0b-1c2d3e4f5a6b";
 
@@ -233,19 +233,11 @@ async fn status_follows_ssh() {
 
 #[tokio::test]
 async fn status_of_a_silent_host_is_stopped() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let silent = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
+    let port = silent_listener();
     let config = GenericConfig { address: "127.0.0.1".into(), port: Some(port), ..GenericConfig::default() };
     let driver = driver_with(config, UID, key_credentials(generate_ed25519("").private_openssh.expose()));
     // Status gives up after its own short connect timeout (5 s).
     assert_eq!(bounded(driver.status("id")).await.unwrap(), State::Stopped);
-    silent.abort();
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use machinist_drivers::ssh::{
     self, SecretString, SshAuth, SshError, SshPrivateKey, SshStage, SshTarget, generate_ed25519,
 };
 use machinist_drivers::{DriverError, SshEndpoint};
-use machinist_test_sshd::{TestSshd, free_port, keygen, keygen_with, output};
+use machinist_test_sshd::{TestSshd, free_port, keygen, keygen_with, output, silent_listener};
 
 const STEP: Duration = Duration::from_secs(5);
 
@@ -148,14 +148,7 @@ async fn a_closed_port_is_connection_refused() {
 async fn a_server_that_never_speaks_is_a_timeout() {
     bounded(async {
         // Accepts connections and holds them without a word.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let silent = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                held.push(socket);
-            }
-        });
+        let port = silent_listener();
         let target = SshTarget::new("127.0.0.1", port, "root");
         let auth = SshAuth::password("x");
         let error =
@@ -167,7 +160,6 @@ async fn a_server_that_never_speaks_is_a_timeout() {
         assert_eq!(error.reason(), "Timeout");
         assert!(error.to_string().contains("booting"), "{error}");
         assert!(matches!(error.to_driver_error("c", "p"), DriverError::Transient { .. }));
-        silent.abort();
     })
     .await;
 }

@@ -250,3 +250,17 @@ pub fn output(command: &mut Command) -> String {
     assert!(out.status.success(), "{command:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).expect("UTF-8 output")
 }
+
+/// A loopback port that accepts connections and never says a word: a host whose SSH
+/// hangs. It listens until the process ends.
+pub fn silent_listener() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+    let port = listener.local_addr().expect("a bound port").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for socket in listener.incoming().flatten() {
+            held.push(socket);
+        }
+    });
+    port
+}
