@@ -379,7 +379,10 @@ impl Harness {
         let spec: MachineSpec = serde_json::from_value(json!({ "driver": { "fake": fake } })).unwrap();
         let driver =
             self.ctx.drivers.driver(&spec.driver, machine_ref(), Credentials::default()).expect("a fake driver");
-        driver.create(&CreateRequest { ssh_public_key: None }).await.expect("the fake creates an instance")
+        driver
+            .create(&CreateRequest { ssh_public_key: None, ssh_port: None })
+            .await
+            .expect("the fake creates an instance")
     }
 }
 

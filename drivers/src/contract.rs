@@ -132,6 +132,9 @@ impl fmt::Debug for Credentials {
 pub struct CreateRequest {
     /// The OpenSSH public key to install on the instance, when the Machine has one.
     pub ssh_public_key: Option<String>,
+    /// The port the controller will reach SSH on (`spec.ssh.port`), for drivers that open
+    /// it in a firewall; `None` for the driver's default.
+    pub ssh_port: Option<u16>,
 }
 
 /// An instance found by [`Driver::find`].
@@ -185,6 +188,13 @@ pub trait Driver: Send + Sync {
 
     /// Removes the instance and everything created for it. A missing instance is done.
     async fn remove(&self, id: &str) -> Result<(), DriverError>;
+
+    /// Removes what Create made for this Machine when no instance exists: a Create that
+    /// failed after making a key pair or a firewall rule, or was interrupted. Called when a
+    /// Machine without an instance is deleted.
+    async fn remove_leftovers(&self) -> Result<(), DriverError> {
+        Ok(())
+    }
 
     async fn start(&self, id: &str) -> Result<(), DriverError>;
 

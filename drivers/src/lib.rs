@@ -8,9 +8,11 @@
 //! driver plain values ([`MachineRef`], [`Credentials`]). Each driver's typed config
 //! lives with the driver and derives `JsonSchema`, so the controller's CRD embeds it.
 //!
-//! Drivers: [`fake`] (instances as files) and [`generic`] (an existing host over SSH).
+//! Drivers: [`fake`] (instances as files), [`generic`] (an existing host over SSH) and
+//! [`amazonec2`] (an EC2 instance, on the AWS SDK for Rust).
 //! [`ssh`] is the SSH client the drivers and the controller share.
 
+pub mod amazonec2;
 mod contract;
 mod error;
 pub mod fake;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::amazonec2::{Amazonec2Config, Ec2Connector, Ec2Driver};
 use crate::fake::{FakeConfig, FakeDriver, FakeStore};
 use crate::generic::{GenericConfig, GenericDriver};
 use crate::{Credentials, Driver, DriverError, MachineRef};
@@ -22,6 +23,11 @@ pub struct DriverSpec {
     /// installs the Machine's SSH key there and can reboot it, but cannot power it on or off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generic: Option<GenericConfig>,
+    /// An Amazon EC2 instance, as Docker Machine's `amazonec2` driver: machinist imports
+    /// the Machine's SSH key, opens SSH in a security group of its own and launches the
+    /// instance; Remove terminates it and deletes what was created for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amazonec2: Option<Amazonec2Config>,
 }
 
 /// The one driver block a spec names.
@@ -29,11 +35,12 @@ pub struct DriverSpec {
 pub enum DriverConfig<'a> {
     Fake(&'a FakeConfig),
     Generic(&'a GenericConfig),
+    Amazonec2(&'a Amazonec2Config),
 }
 
 impl DriverSpec {
     /// The names of every driver block this build knows, as they appear in `spec.driver`.
-    pub const NAMES: [&'static str; 2] = ["fake", "generic"];
+    pub const NAMES: [&'static str; 3] = ["fake", "generic", "amazonec2"];
 
     /// The single block that is set; InvalidConfig when none or several are.
     pub fn config(&self) -> Result<DriverConfig<'_>, DriverError> {
@@ -43,6 +50,9 @@ impl DriverSpec {
         }
         if let Some(generic) = &self.generic {
             set.push(DriverConfig::Generic(generic));
+        }
+        if let Some(amazonec2) = &self.amazonec2 {
+            set.push(DriverConfig::Amazonec2(amazonec2));
         }
         match set.as_slice() {
             [one] => Ok(*one),
@@ -64,6 +74,7 @@ impl DriverConfig<'_> {
         match self {
             DriverConfig::Fake(_) => "fake",
             DriverConfig::Generic(_) => "generic",
+            DriverConfig::Amazonec2(_) => "amazonec2",
         }
     }
 }
@@ -72,12 +83,13 @@ impl DriverConfig<'_> {
 #[derive(Clone, Debug)]
 pub struct Drivers {
     fake: FakeStore,
+    ec2: Ec2Connector,
 }
 
 impl Drivers {
     /// `fake_state_dir` is where the fake driver keeps its instances.
     pub fn new(fake_state_dir: impl Into<PathBuf>) -> Self {
-        Drivers { fake: FakeStore::new(fake_state_dir) }
+        Drivers { fake: FakeStore::new(fake_state_dir), ec2: Ec2Connector::new() }
     }
 
     pub fn fake_store(&self) -> &FakeStore {
@@ -96,6 +108,9 @@ impl Drivers {
         match spec.config()? {
             DriverConfig::Fake(config) => Ok(Arc::new(FakeDriver::new(self.fake.clone(), machine, config.clone())?)),
             DriverConfig::Generic(config) => Ok(Arc::new(GenericDriver::new(machine, config.clone(), &credentials)?)),
+            DriverConfig::Amazonec2(config) => {
+                Ok(Arc::new(Ec2Driver::new(self.ec2.clone(), machine, config.clone(), &credentials)?))
+            }
         }
     }
 }

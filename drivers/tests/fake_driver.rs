@@ -117,7 +117,7 @@ async fn lifecycle_create_find_stop_start_restart_kill_remove() {
     assert_eq!(d.find().await.unwrap(), None, "nothing before create");
 
     let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFake test@machinist".to_string();
-    let id = d.create(&CreateRequest { ssh_public_key: Some(key.clone()) }).await.unwrap();
+    let id = d.create(&CreateRequest { ssh_public_key: Some(key.clone()), ssh_port: None }).await.unwrap();
     assert!(id.starts_with("fake-"), "{id}");
 
     // Found again by the Machine's UID, and tagged with it.

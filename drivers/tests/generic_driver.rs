@@ -64,7 +64,7 @@ fn refused(config: GenericConfig, credentials: Credentials) -> DriverError {
 }
 
 fn request(public_key: &str) -> CreateRequest {
-    CreateRequest { ssh_public_key: Some(public_key.to_string()) }
+    CreateRequest { ssh_public_key: Some(public_key.to_string()), ssh_port: None }
 }
 
 fn authorized_lines(sshd: &TestSshd) -> Vec<String> {
@@ -461,7 +461,7 @@ fn the_config_is_checked_and_names_the_field() {
     assert_eq!(defaults.restart_timeout(), Duration::from_secs(300));
 
     // Two driver blocks at once are refused.
-    let both = DriverSpec { fake: Some(Default::default()), generic: Some(base) };
+    let both = DriverSpec { fake: Some(Default::default()), generic: Some(base), ..Default::default() };
     assert!(matches!(both.config(), Err(DriverError::InvalidConfig { .. })));
 }
 

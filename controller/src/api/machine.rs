@@ -50,10 +50,15 @@ pub struct MachineSpec {
     /// Exactly one driver block, named for its driver, holding that driver's config.
     /// The driver kind cannot change after creation.
     #[x_kube(
-        validation = Rule::new("(has(self.fake) ? 1 : 0) + (has(self.generic) ? 1 : 0) == 1")
-            .message("set exactly one driver block (one of: fake, generic)"),
-        validation = Rule::new("has(self.fake) == has(oldSelf.fake) && has(self.generic) == has(oldSelf.generic)")
-            .message("the driver kind cannot change after creation")
+        validation = Rule::new(
+            "(has(self.fake) ? 1 : 0) + (has(self.generic) ? 1 : 0) + (has(self.amazonec2) ? 1 : 0) == 1"
+        )
+        .message("set exactly one driver block (one of: fake, generic, amazonec2)"),
+        validation = Rule::new(
+            "has(self.fake) == has(oldSelf.fake) && has(self.generic) == has(oldSelf.generic) \
+             && has(self.amazonec2) == has(oldSelf.amazonec2)"
+        )
+        .message("the driver kind cannot change after creation")
     )]
     pub driver: DriverSpec,
 

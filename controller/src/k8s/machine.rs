@@ -231,7 +231,25 @@ async fn cleanup(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result
     let plan = reconcile::plan_cleanup(&input);
     let written = machine.status.as_ref();
     let (id, driver) = match (&plan.next, driver) {
-        (CleanupNext::Finalize, _) => {
+        // No instance: only what a failed or interrupted Create may have left. A quick
+        // call, so the status changes only if it fails.
+        (CleanupNext::RemoveLeftovers, Some(driver)) => {
+            let outcome = match call(ctx, driver.as_ref(), Operation::Remove, driver.remove_leftovers()).await {
+                Ok(()) => Outcome::Succeeded,
+                Err(error) => Outcome::Failed { operation: Operation::Remove, error },
+            };
+            let after = Input { now: now(), ..input };
+            let recorded = reconcile::record_cleanup(&after, &plan, outcome);
+            publish(ctx, machine, &plan.notes).await;
+            if let CleanupNext::Wait(retry) = recorded.next {
+                patch_status(api, &ctx.written, machine, written, &recorded.status).await?;
+                publish(ctx, machine, &recorded.notes).await;
+                return Err(waits(&recorded.status, retry));
+            }
+            ctx.written.forget(machine);
+            return Ok(Action::await_change());
+        }
+        (CleanupNext::Finalize | CleanupNext::RemoveLeftovers, _) => {
             publish(ctx, machine, &plan.notes).await;
             ctx.written.forget(machine);
             return Ok(Action::await_change());
@@ -266,7 +284,7 @@ async fn cleanup(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result
         }
     };
     let after = Input { now: now(), ..input };
-    let recorded = reconcile::record_cleanup(&after, &plan, &id, outcome);
+    let recorded = reconcile::record_cleanup(&after, &plan, outcome);
     match recorded.next {
         CleanupNext::Wait(retry) => {
             patch_status(api, &ctx.written, machine, shown, &recorded.status).await?;
@@ -399,7 +417,10 @@ async fn perform(
     let done = |r: Result<(), DriverError>, op: Operation| r.map_or_else(failed(op), |()| Outcome::Succeeded);
     match &planned.step {
         Step::Create => {
-            let request = CreateRequest { ssh_public_key: key.map(|k| k.key.public_key_openssh()) };
+            let request = CreateRequest {
+                ssh_public_key: key.map(|k| k.key.public_key_openssh()),
+                ssh_port: machine.spec.ssh.as_ref().and_then(|s| s.port),
+            };
             call(ctx, driver, Operation::Create, driver.create(&request))
                 .await
                 .map_or_else(failed(Operation::Create), Outcome::Created)

@@ -46,11 +46,11 @@ pub fn plan_cleanup(input: &Input<'_>) -> CleanupPlan {
         // Remove needs only the id: with a known one, try even if observing failed.
         (Observed::Instance { state: State::NotFound, id, .. }, _) => {
             notes.push(Note::normal("Removed", "Remove", format!("instance {id} is already gone")));
-            CleanupNext::Finalize
+            CleanupNext::RemoveLeftovers
         }
         (Observed::Instance { id, .. }, _) => CleanupNext::Remove(id.clone()),
         (Observed::Failed(_), Some(id)) => CleanupNext::Remove(id),
-        (Observed::NoInstance, _) => CleanupNext::Finalize,
+        (Observed::NoInstance, _) => CleanupNext::RemoveLeftovers,
         (Observed::InvalidSpec(_), None) => CleanupNext::Finalize,
         (Observed::InvalidSpec(error), Some(id)) => {
             let message = format!(
@@ -76,29 +76,43 @@ pub fn plan_cleanup(input: &Input<'_>) -> CleanupPlan {
         }
     };
     let mut c = conditions(&mut status, machine, input.now);
+    if matches!(next, CleanupNext::Remove(_) | CleanupNext::RemoveLeftovers)
+        && let Some(wait) = held_back(&before, machine, input.now)
+    {
+        return CleanupPlan { status, next: CleanupNext::Wait(wait), notes };
+    }
     match &next {
-        CleanupNext::Remove(id) => {
-            if let Some(wait) = held_back(&before, machine, input.now) {
-                return CleanupPlan { status, next: CleanupNext::Wait(wait), notes };
-            }
-            c.set(ConditionType::Deleting, true, "Removing", format!("removing instance {id}"));
-        }
+        CleanupNext::Remove(id) => c.set(ConditionType::Deleting, true, "Removing", format!("removing instance {id}")),
+        CleanupNext::RemoveLeftovers => c.set(
+            ConditionType::Deleting,
+            true,
+            "Removing",
+            "no instance: removing anything else created for the Machine",
+        ),
         _ => c.set(ConditionType::Deleting, true, "Removed", "nothing left to remove"),
     }
     CleanupPlan { status, next, notes }
 }
 
-/// Folds the outcome of Remove into the cleanup plan's status.
-pub fn record_cleanup(input: &Input<'_>, plan: &CleanupPlan, id: &str, outcome: Outcome) -> CleanupPlan {
+/// Folds the outcome of Remove (or of removing the leftovers, when `plan.next` is
+/// [`CleanupNext::RemoveLeftovers`]) into the cleanup plan's status.
+pub fn record_cleanup(input: &Input<'_>, plan: &CleanupPlan, outcome: Outcome) -> CleanupPlan {
     let machine = input.machine;
     let mut status = plan.status.clone();
     let mut notes = Vec::new();
+    let id = match &plan.next {
+        CleanupNext::Remove(id) => Some(id.as_str()),
+        _ => None,
+    };
     match outcome {
         Outcome::Failed { error, .. } => {
             let (delay, note) = record_failure(&mut status, input, Operation::Remove, &error);
             notes.push(note);
             let message = status.failures.as_ref().map(|f| f.message.clone()).unwrap_or_default();
-            let message = format!("{message}; the finalizer stays until instance {id} is removed");
+            let message = match id {
+                Some(id) => format!("{message}; the finalizer stays until instance {id} is removed"),
+                None => format!("{message}; the finalizer stays until what was created for the Machine is removed"),
+            };
             conditions(&mut status, machine, input.now).set(
                 ConditionType::Deleting,
                 true,
@@ -108,7 +122,10 @@ pub fn record_cleanup(input: &Input<'_>, plan: &CleanupPlan, id: &str, outcome: 
             let wait = delay.or(Some(input.settings.backoff_cap));
             CleanupPlan { status, next: CleanupNext::Wait(wait), notes }
         }
+        // Nothing to tell about leftovers that were removed (or never existed).
+        _ if id.is_none() => CleanupPlan { status, next: CleanupNext::Finalize, notes },
         _ => {
+            let id = id.unwrap_or_default();
             status.failures = None;
             last_operation(
                 &mut status,

@@ -193,6 +193,9 @@ pub struct CleanupPlan {
 pub enum CleanupNext {
     /// Call Remove on this instance id.
     Remove(String),
+    /// No instance (any more): call the driver's `remove_leftovers` for what Create may
+    /// have made before it failed or was interrupted (key pairs, firewall rules).
+    RemoveLeftovers,
     /// Nothing left to do: remove the finalizer.
     Finalize,
     /// Keep the finalizer and look again after this long (`None`: when the Machine changes).

@@ -1278,14 +1278,37 @@ fn a_live_failure_does_not_hold_back_remove_once_deletion_bumped_the_generation(
 }
 
 #[test]
-fn nothing_to_remove_finalizes() {
+fn without_an_instance_only_the_leftovers_are_removed_then_the_finalizer() {
     let machine = Machine::test().deleting();
     let plan = plan_cleanup(&input(&machine, Observed::NoInstance));
-    assert_eq!(plan.next, CleanupNext::Finalize);
+    assert_eq!(plan.next, CleanupNext::RemoveLeftovers);
+    assert!(plan.notes.is_empty());
     let machine = was(State::Running)(Machine::test()).deleting();
     let plan = plan_cleanup(&input(&machine, instance(State::NotFound)));
-    assert_eq!(plan.next, CleanupNext::Finalize);
+    assert_eq!(plan.next, CleanupNext::RemoveLeftovers);
     assert_eq!(reasons(&plan.notes), ["Removed"]);
+
+    // Done: the finalizer goes, with nothing more to tell.
+    let recorded = record_cleanup(&input(&machine, instance(State::NotFound)), &plan, Outcome::Succeeded);
+    assert_eq!(recorded.next, CleanupNext::Finalize);
+    assert!(recorded.notes.is_empty());
+}
+
+#[test]
+fn failing_to_remove_the_leftovers_keeps_the_finalizer_and_says_what_stays() {
+    let machine = Machine::test().deleting();
+    let input = input(&machine, Observed::NoInstance);
+    let plan = plan_cleanup(&input);
+    let failed = Outcome::Failed { operation: Operation::Remove, error: transient() };
+    let recorded = record_cleanup(&input, &plan, failed);
+    assert_eq!(recorded.next, CleanupNext::Wait(Some(secs(1))));
+    assert_eq!(warnings(&recorded.notes), ["TransientError"]);
+    let why = message(&recorded.status, ConditionType::Deleting);
+    assert!(why.contains("the finalizer stays until what was created for the Machine is removed"), "{why}");
+    // Held back until the retry is due.
+    let machine = feed(&machine, &recorded.status);
+    assert_eq!(plan_cleanup(&input_at(&machine, Observed::NoInstance, now())).next, CleanupNext::Wait(Some(secs(1))));
+    assert_eq!(plan_cleanup(&input_at(&machine, Observed::NoInstance, at(1))).next, CleanupNext::RemoveLeftovers);
 }
 
 #[test]
@@ -1330,7 +1353,7 @@ fn record_cleanup_failure_keeps_the_finalizer_and_backs_off() {
     let input = input(&machine, instance(State::Running));
     let plan = plan_cleanup(&input);
     let failed = Outcome::Failed { operation: Operation::Remove, error: transient() };
-    let recorded = record_cleanup(&input, &plan, PROVIDER_ID, failed);
+    let recorded = record_cleanup(&input, &plan, failed);
     assert_eq!(recorded.next, CleanupNext::Wait(Some(secs(1))));
     let failures = recorded.status.failures.clone().unwrap();
     assert_eq!((failures.count, failures.next_retry_time), (1, Some(Time(at(1)))));
@@ -1351,7 +1374,7 @@ fn record_cleanup_failure_keeps_the_finalizer_and_backs_off() {
 
     // Not retryable: still waits (for the backoff cap), never finalizes.
     let failed = Outcome::Failed { operation: Operation::Remove, error: not_supported(Operation::Remove) };
-    let recorded = record_cleanup(&input, &plan, PROVIDER_ID, failed);
+    let recorded = record_cleanup(&input, &plan, failed);
     assert_eq!(recorded.next, CleanupNext::Wait(Some(SETTINGS.backoff_cap)));
 }
 
@@ -1368,7 +1391,7 @@ fn record_cleanup_success_finalizes() {
     let input = input(&machine, instance(State::Running));
     let plan = plan_cleanup(&input);
     assert_eq!(plan.next, CleanupNext::Remove(PROVIDER_ID.into()));
-    let recorded = record_cleanup(&input, &plan, PROVIDER_ID, Outcome::Succeeded);
+    let recorded = record_cleanup(&input, &plan, Outcome::Succeeded);
     assert_eq!(recorded.next, CleanupNext::Finalize);
     assert_eq!(reasons(&recorded.notes), ["Removed"]);
     assert_eq!(recorded.status.failures, None);

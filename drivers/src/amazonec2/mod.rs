@@ -1,0 +1,716 @@
+//! The amazonec2 driver: an EC2 instance per Machine, on the AWS SDK for Rust.
+//!
+//! Create imports the Machine's SSH key as a key pair named after the Machine's UID,
+//! creates a security group that lets in only SSH (unless the user names groups), then
+//! calls `RunInstances` with a client token derived from the UID, so a repeated call can
+//! never launch a second instance. Everything it creates is tagged with the Machine's
+//! UID, name and namespace in the call that creates it, which is how `find` adopts an
+//! instance and how Remove finds what to delete. Create returns as soon as EC2 assigns
+//! the instance id; the controller watches it reach `running` over later reconciles.
+
+mod client;
+mod config;
+mod errors;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
+    InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
+    InstanceMetadataOptionsRequest, InstanceNetworkInterfaceSpecification, InstanceStateName, InstanceType,
+    IpPermission, IpRange, Ipv6Range, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag,
+    TagSpecification, VolumeType,
+};
+use base64::Engine;
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+pub use client::{ACCESS_KEY_ID_KEY, CredentialSource, Ec2Connector, SECRET_ACCESS_KEY_KEY, SESSION_TOKEN_KEY};
+pub use config::{
+    Amazonec2Config, DEFAULT_INSTANCE_TYPE, DEFAULT_SSH_CIDR, DEFAULT_SSH_USER, RootVolumeType, SpotConfig,
+};
+pub use errors::{AwsError, CAPACITY_RETRY_AFTER, QUOTA_RETRY_AFTER, THROTTLED_RETRY_AFTER};
+
+use crate::{
+    Address, AddressType, CreateRequest, Credentials, Driver, DriverError, Instance, MachineRef, Operation,
+    SshEndpoint, State,
+};
+
+/// The tag every resource machinist creates carries: the owning Machine's UID.
+pub const UID_TAG: &str = "machinist.dev/machine-uid";
+pub const NAME_TAG: &str = "machinist.dev/machine-name";
+pub const NAMESPACE_TAG: &str = "machinist.dev/machine-namespace";
+pub const SSH_PORT: u16 = 22;
+
+/// Remove waits this long for `terminated` before reporting it is still under way.
+const TERMINATE_WAIT: Duration = Duration::from_secs(240);
+/// A security group stays in use for a while after its instance is gone (its network
+/// interface is released asynchronously).
+const DEPENDENCY_WAIT: Duration = Duration::from_secs(180);
+const POLL_FIRST: Duration = Duration::from_millis(500);
+const POLL_MAX: Duration = Duration::from_secs(10);
+/// The states of an instance that exists for good (not shutting down or terminated).
+const LIVE_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
+
+/// The amazonec2 driver bound to one Machine.
+pub struct Ec2Driver {
+    machine: MachineRef,
+    config: Amazonec2Config,
+    connector: Ec2Connector,
+    source: CredentialSource,
+    client: OnceCell<aws_sdk_ec2::Client>,
+}
+
+impl Ec2Driver {
+    /// Validates the config and the credentials, before any AWS call.
+    pub fn new(
+        connector: Ec2Connector,
+        machine: MachineRef,
+        config: Amazonec2Config,
+        credentials: &Credentials,
+    ) -> Result<Self, DriverError> {
+        config.validate()?;
+        if machine.uid.is_empty() {
+            return Err(DriverError::invalid_config("metadata.uid", "the Machine has no UID yet"));
+        }
+        let source = CredentialSource::from_credentials(credentials)?;
+        Ok(Ec2Driver { machine, config, connector, source, client: OnceCell::new() })
+    }
+
+    /// The name of the key pair and the security group machinist creates.
+    pub fn resource_name(&self) -> String {
+        format!("machinist-{}", self.machine.uid)
+    }
+
+    /// The `RunInstances` client token: the same for every attempt for this Machine.
+    pub fn client_token(&self) -> String {
+        format!("machinist-{}", self.machine.uid)
+    }
+
+    async fn ec2(&self) -> &aws_sdk_ec2::Client {
+        self.client
+            .get_or_init(|| {
+                self.connector.client(&self.config.region, self.config.endpoint_url.as_deref(), &self.source)
+            })
+            .await
+    }
+
+    fn error(&self, error: AwsError) -> DriverError {
+        error.to_driver_error(self.source.describe())
+    }
+
+    /// The machinist tags, then the user's (`Name` defaults to `<namespace>/<name>`).
+    fn tags(&self) -> Vec<Tag> {
+        let m = &self.machine;
+        let mut tags = vec![tag(UID_TAG, &m.uid), tag(NAME_TAG, &m.name), tag(NAMESPACE_TAG, &m.namespace)];
+        if !self.config.tags.contains_key("Name") {
+            tags.push(tag("Name", &format!("{}/{}", m.namespace, m.name)));
+        }
+        tags.extend(self.config.tags.iter().map(|(k, v)| tag(k, v)));
+        tags
+    }
+
+    fn tagged(&self, resource: ResourceType) -> TagSpecification {
+        TagSpecification::builder().resource_type(resource).set_tags(Some(self.tags())).build()
+    }
+
+    fn uid_filter(&self) -> Filter {
+        Filter::builder().name(format!("tag:{UID_TAG}")).values(&self.machine.uid).build()
+    }
+
+    /// The instance, or `None` when EC2 does not know it (any more).
+    async fn describe(&self, id: &str) -> Result<Option<aws_sdk_ec2::types::Instance>, DriverError> {
+        match self.ec2().await.describe_instances().instance_ids(id).send().await {
+            Ok(out) => {
+                Ok(out.reservations().iter().flat_map(|r| r.instances()).find(|i| i.instance_id() == Some(id)).cloned())
+            }
+            Err(e) => {
+                let error = AwsError::from_sdk("DescribeInstances", e);
+                if error.is_not_found() { Ok(None) } else { Err(self.error(error)) }
+            }
+        }
+    }
+
+    /// The AMI's root device name, which a root volume setting must name. An AMI EC2 does
+    /// not know is InvalidConfig before anything is created.
+    async fn root_device_name(&self) -> Result<Option<String>, DriverError> {
+        let ami = &self.config.ami;
+        let out = self
+            .ec2()
+            .await
+            .describe_images()
+            .image_ids(ami)
+            .send()
+            .await
+            .map_err(|e| self.error(AwsError::from_sdk("DescribeImages", e)))?;
+        let Some(image) = out.images().iter().find(|i| i.image_id() == Some(ami)) else {
+            return Err(DriverError::invalid_config(
+                "spec.driver.amazonec2.ami",
+                format!(
+                    "EC2 DescribeImages: the AMI {ami} does not exist in {} or is not shared with this account",
+                    self.config.region
+                ),
+            ));
+        };
+        Ok(image.root_device_name().map(str::to_string))
+    }
+
+    /// The VPC of the configured subnet (`None`: the default VPC).
+    async fn subnet_vpc(&self) -> Result<Option<String>, DriverError> {
+        let Some(subnet) = &self.config.subnet_id else { return Ok(None) };
+        let out = self
+            .ec2()
+            .await
+            .describe_subnets()
+            .subnet_ids(subnet)
+            .send()
+            .await
+            .map_err(|e| self.error(AwsError::from_sdk("DescribeSubnets", e)))?;
+        match out.subnets().iter().find(|s| s.subnet_id() == Some(subnet)).and_then(|s| s.vpc_id()) {
+            Some(vpc) => Ok(Some(vpc.to_string())),
+            None => Err(DriverError::invalid_config(
+                "spec.driver.amazonec2.subnetId",
+                format!("EC2 DescribeSubnets: the subnet {subnet} does not exist in {}", self.config.region),
+            )),
+        }
+    }
+
+    /// Imports the Machine's public key as the key pair `machinist-<uid>`. A key pair of
+    /// that name left by an interrupted Create is ours (tagged): it is replaced, since
+    /// the Machine's key may have been regenerated since and no instance uses it yet.
+    async fn import_key_pair(&self, public_key: &str) -> Result<String, DriverError> {
+        let name = self.resource_name();
+        for attempt in 0..2 {
+            let result = self
+                .ec2()
+                .await
+                .import_key_pair()
+                .key_name(&name)
+                .public_key_material(aws_sdk_ec2::primitives::Blob::new(public_key.as_bytes()))
+                .tag_specifications(self.tagged(ResourceType::KeyPair))
+                .send()
+                .await;
+            match result {
+                Ok(_) => {
+                    info!(key_pair = name, "ec2: imported the Machine's SSH key");
+                    return Ok(name);
+                }
+                Err(e) => {
+                    let error = AwsError::from_sdk("ImportKeyPair", e);
+                    if !error.is("InvalidKeyPair.Duplicate") || attempt > 0 {
+                        return Err(self.error(error));
+                    }
+                }
+            }
+            let ours = self.tagged_key_pairs().await?;
+            if !ours.iter().any(|(_, n)| n == &name) {
+                return Err(DriverError::transient(format!(
+                    "an EC2 key pair named {name} exists without this Machine's {UID_TAG} tag; delete it"
+                )));
+            }
+            self.delete_key_pairs().await?;
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// Creates the security group `machinist-<uid>` with one ingress rule: TCP `port`
+    /// from each of `sshCidrs`. Finds it instead when an interrupted Create made it.
+    async fn security_group(&self, vpc: Option<&str>, port: u16) -> Result<String, DriverError> {
+        let name = self.resource_name();
+        let m = &self.machine;
+        let created = self
+            .ec2()
+            .await
+            .create_security_group()
+            .group_name(&name)
+            .description(format!("machinist: SSH to Machine {}/{}", m.namespace, m.name))
+            .set_vpc_id(vpc.map(str::to_string))
+            .tag_specifications(self.tagged(ResourceType::SecurityGroup))
+            .send()
+            .await;
+        let group = match created {
+            Ok(out) => {
+                let id = out.group_id().unwrap_or_default().to_string();
+                info!(security_group = id, "ec2: created the security group");
+                id
+            }
+            Err(e) => {
+                let error = AwsError::from_sdk("CreateSecurityGroup", e);
+                if !error.is("InvalidGroup.Duplicate") {
+                    return Err(self.error(error));
+                }
+                let found = self.tagged_security_groups().await?;
+                match found.into_iter().find(|(_, n)| n == &name) {
+                    Some((id, _)) => id,
+                    None => {
+                        return Err(DriverError::transient(format!(
+                            "a security group named {name} exists without this Machine's {UID_TAG} tag; delete it"
+                        )));
+                    }
+                }
+            }
+        };
+        let (v6, v4): (Vec<String>, Vec<String>) = self.config.ssh_cidrs().into_iter().partition(|c| c.contains(':'));
+        let description = "SSH for machinist";
+        let permission = IpPermission::builder()
+            .ip_protocol("tcp")
+            .from_port(port.into())
+            .to_port(port.into())
+            .set_ip_ranges(Some(
+                v4.iter().map(|c| IpRange::builder().cidr_ip(c).description(description).build()).collect(),
+            ))
+            .set_ipv6_ranges(Some(
+                v6.iter().map(|c| Ipv6Range::builder().cidr_ipv6(c).description(description).build()).collect(),
+            ))
+            .build();
+        let authorized = self
+            .ec2()
+            .await
+            .authorize_security_group_ingress()
+            .group_id(&group)
+            .ip_permissions(permission)
+            .send()
+            .await;
+        if let Err(e) = authorized {
+            let error = AwsError::from_sdk("AuthorizeSecurityGroupIngress", e);
+            if !error.is("InvalidPermission.Duplicate") {
+                return Err(self.error(error));
+            }
+        }
+        Ok(group)
+    }
+
+    /// `(id, name)` of the security groups tagged with this Machine's UID.
+    async fn tagged_security_groups(&self) -> Result<Vec<(String, String)>, DriverError> {
+        let out = self
+            .ec2()
+            .await
+            .describe_security_groups()
+            .filters(self.uid_filter())
+            .send()
+            .await
+            .map_err(|e| self.error(AwsError::from_sdk("DescribeSecurityGroups", e)))?;
+        Ok(out
+            .security_groups()
+            .iter()
+            .filter_map(|g| Some((g.group_id()?.to_string(), g.group_name().unwrap_or_default().to_string())))
+            .collect())
+    }
+
+    /// `(id, name)` of the key pairs tagged with this Machine's UID.
+    async fn tagged_key_pairs(&self) -> Result<Vec<(String, String)>, DriverError> {
+        let out = self
+            .ec2()
+            .await
+            .describe_key_pairs()
+            .filters(self.uid_filter())
+            .send()
+            .await
+            .map_err(|e| self.error(AwsError::from_sdk("DescribeKeyPairs", e)))?;
+        Ok(out
+            .key_pairs()
+            .iter()
+            .filter_map(|k| Some((k.key_pair_id()?.to_string(), k.key_name().unwrap_or_default().to_string())))
+            .collect())
+    }
+
+    async fn delete_key_pairs(&self) -> Result<(), DriverError> {
+        // By name: unique in a region, and understood by every EC2-compatible API.
+        for (_, name) in self.tagged_key_pairs().await? {
+            match self.ec2().await.delete_key_pair().key_name(&name).send().await {
+                Ok(_) => info!(key_pair = name, "ec2: deleted the key pair"),
+                Err(e) => {
+                    let error = AwsError::from_sdk("DeleteKeyPair", e);
+                    if !error.is_not_found() {
+                        return Err(self.error(error));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the tagged security groups, waiting while EC2 still sees them in use.
+    async fn delete_security_groups(&self) -> Result<(), DriverError> {
+        for (id, name) in self.tagged_security_groups().await? {
+            let deadline = Instant::now() + DEPENDENCY_WAIT;
+            let mut delay = POLL_FIRST;
+            loop {
+                match self.ec2().await.delete_security_group().group_id(&id).send().await {
+                    Ok(_) => {
+                        info!(security_group = id, name, "ec2: deleted the security group");
+                        break;
+                    }
+                    Err(e) => {
+                        let error = AwsError::from_sdk("DeleteSecurityGroup", e);
+                        if error.is_not_found() {
+                            break;
+                        }
+                        if !error.is("DependencyViolation") {
+                            return Err(self.error(error));
+                        }
+                        if Instant::now() + delay > deadline {
+                            return Err(DriverError::transient(format!(
+                                "{}; the security group {id} is still in use {}s after its instance ended; Remove \
+                                 will try again",
+                                error.describe(),
+                                DEPENDENCY_WAIT.as_secs()
+                            )));
+                        }
+                    }
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(POLL_MAX);
+            }
+        }
+        Ok(())
+    }
+
+    /// Root volumes go with their instance; any other volume launched with it that is
+    /// left unattached is ours too.
+    async fn delete_volumes(&self) -> Result<(), DriverError> {
+        let available = Filter::builder().name("status").values("available").build();
+        let out = self
+            .ec2()
+            .await
+            .describe_volumes()
+            .filters(self.uid_filter())
+            .filters(available)
+            .send()
+            .await
+            .map_err(|e| self.error(AwsError::from_sdk("DescribeVolumes", e)))?;
+        for volume in out.volumes().iter().filter_map(|v| v.volume_id()) {
+            match self.ec2().await.delete_volume().volume_id(volume).send().await {
+                Ok(_) => info!(volume, "ec2: deleted a volume left by the instance"),
+                Err(e) => {
+                    let error = AwsError::from_sdk("DeleteVolume", e);
+                    if !error.is_not_found() {
+                        return Err(self.error(error));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the instance is terminated (or unknown to EC2).
+    async fn wait_terminated(&self, id: &str) -> Result<(), DriverError> {
+        let deadline = Instant::now() + TERMINATE_WAIT;
+        let mut delay = POLL_FIRST;
+        loop {
+            let state = self.describe(id).await?.and_then(|i| i.state().and_then(|s| s.name().cloned()));
+            match state {
+                None | Some(InstanceStateName::Terminated) => return Ok(()),
+                Some(state) if Instant::now() + delay > deadline => {
+                    return Err(DriverError::transient(format!(
+                        "instance {id} is still {} {}s after TerminateInstances; Remove will check again",
+                        state.as_str(),
+                        TERMINATE_WAIT.as_secs()
+                    )));
+                }
+                Some(_) => {}
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(POLL_MAX);
+        }
+    }
+
+    fn not_for_spot(&self, operation: Operation) -> Result<(), DriverError> {
+        if self.config.spot.is_some() {
+            return Err(DriverError::NotSupported {
+                operation,
+                message: "a one-time Spot instance cannot be stopped, only terminated; keep powerState: Running \
+                          (or delete the Machine)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn launch(
+        &self,
+        key_name: Option<String>,
+        security_groups: Vec<String>,
+        root_device: Option<String>,
+    ) -> Result<String, DriverError> {
+        let c = &self.config;
+        let mut run = self
+            .ec2()
+            .await
+            .run_instances()
+            .image_id(&c.ami)
+            .instance_type(InstanceType::from(c.instance_type()))
+            .min_count(1)
+            .max_count(1)
+            .client_token(self.client_token())
+            .set_key_name(key_name)
+            .metadata_options(
+                // IMDSv2 only: no credentials for a forged request from the instance.
+                InstanceMetadataOptionsRequest::builder()
+                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                    .http_tokens(HttpTokensState::Required)
+                    .build(),
+            )
+            .tag_specifications(self.tagged(ResourceType::Instance))
+            .tag_specifications(self.tagged(ResourceType::Volume))
+            .tag_specifications(self.tagged(ResourceType::NetworkInterface));
+        run = match c.associate_public_ip {
+            // A public address choice lives on the network interface, with the subnet and groups.
+            Some(public) => run.network_interfaces(
+                InstanceNetworkInterfaceSpecification::builder()
+                    .device_index(0)
+                    .associate_public_ip_address(public)
+                    .set_subnet_id(c.subnet_id.clone())
+                    .set_groups(Some(security_groups))
+                    .delete_on_termination(true)
+                    .build(),
+            ),
+            None => run.set_subnet_id(c.subnet_id.clone()).set_security_group_ids(Some(security_groups)),
+        };
+        if c.root_volume_size.is_some() || c.root_volume_type.is_some() {
+            let Some(device) = root_device else {
+                return Err(DriverError::invalid_config(
+                    "spec.driver.amazonec2.rootVolumeSize",
+                    format!("the AMI {} names no root device, so its root volume cannot be set", c.ami),
+                ));
+            };
+            let ebs = EbsBlockDevice::builder()
+                .set_volume_size(c.root_volume_size.map(|s| s as i32))
+                .set_volume_type(c.root_volume_type.map(|t| VolumeType::from(t.as_str())))
+                .delete_on_termination(true)
+                .build();
+            run = run.block_device_mappings(BlockDeviceMapping::builder().device_name(device).ebs(ebs).build());
+        }
+        if let Some(profile) = &c.iam_instance_profile {
+            let spec = IamInstanceProfileSpecification::builder();
+            let spec = if profile.starts_with("arn:") { spec.arn(profile) } else { spec.name(profile) };
+            run = run.iam_instance_profile(spec.build());
+        }
+        if let Some(data) = &c.user_data {
+            run = run.user_data(base64::engine::general_purpose::STANDARD.encode(data));
+        }
+        if let Some(spot) = &c.spot {
+            run = run
+                .instance_market_options(
+                    InstanceMarketOptionsRequest::builder()
+                        .market_type(MarketType::Spot)
+                        .spot_options(
+                            SpotMarketOptions::builder()
+                                .set_max_price(spot.max_price.clone())
+                                .spot_instance_type(SpotInstanceType::OneTime)
+                                .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate)
+                                .build(),
+                        )
+                        .build(),
+                )
+                .tag_specifications(self.tagged(ResourceType::SpotInstancesRequest));
+        }
+        let out = run.send().await.map_err(|e| self.error(AwsError::from_sdk("RunInstances", e)))?;
+        match out.instances().first().and_then(|i| i.instance_id()) {
+            Some(id) => {
+                info!(instance = id, "ec2: launched the instance");
+                Ok(id.to_string())
+            }
+            None => Err(DriverError::transient("EC2 RunInstances answered without an instance id")),
+        }
+    }
+}
+
+fn tag(key: &str, value: &str) -> Tag {
+    Tag::builder().key(key).value(value).build()
+}
+
+/// EC2's instance states onto the driver's.
+pub fn state_of(name: Option<&InstanceStateName>) -> State {
+    match name {
+        Some(InstanceStateName::Pending) => State::Starting,
+        Some(InstanceStateName::Running) => State::Running,
+        Some(InstanceStateName::Stopping) => State::Stopping,
+        Some(InstanceStateName::Stopped) => State::Stopped,
+        // Terminating cannot be undone: the instance is as good as gone.
+        Some(InstanceStateName::ShuttingDown | InstanceStateName::Terminated) => State::NotFound,
+        _ => State::None,
+    }
+}
+
+fn instance_state(instance: &aws_sdk_ec2::types::Instance) -> State {
+    state_of(instance.state().and_then(|s| s.name()))
+}
+
+#[async_trait]
+impl Driver for Ec2Driver {
+    fn name(&self) -> &'static str {
+        "amazonec2"
+    }
+
+    fn offers_ssh(&self) -> bool {
+        true
+    }
+
+    async fn find(&self) -> Result<Option<Instance>, DriverError> {
+        let live = Filter::builder()
+            .name("instance-state-name")
+            .set_values(Some(LIVE_STATES.map(String::from).to_vec()))
+            .build();
+        let out = self
+            .ec2()
+            .await
+            .describe_instances()
+            .filters(self.uid_filter())
+            .filters(live)
+            .send()
+            .await
+            .map_err(|e| self.error(AwsError::from_sdk("DescribeInstances", e)))?;
+        let mut found: Vec<_> = out.reservations().iter().flat_map(|r| r.instances()).collect();
+        // Never expected (the client token prevents it), but if so: adopt the oldest.
+        found.sort_by_key(|i| i.launch_time().map(|t| (t.secs(), t.subsec_nanos())));
+        if found.len() > 1 {
+            let ids: Vec<_> = found.iter().filter_map(|i| i.instance_id()).collect();
+            warn!(?ids, "ec2: more than one instance carries this Machine's UID tag; adopting the oldest");
+        }
+        Ok(found.first().and_then(|i| Some(Instance { id: i.instance_id()?.to_string(), state: instance_state(i) })))
+    }
+
+    async fn create(&self, request: &CreateRequest) -> Result<String, DriverError> {
+        // Check what can be checked before creating anything.
+        let root_device = self.root_device_name().await?;
+        let vpc = self.subnet_vpc().await?;
+        let key_name = match (&self.config.key_name, &request.ssh_public_key) {
+            (Some(name), _) => Some(name.clone()),
+            (None, Some(public_key)) => Some(self.import_key_pair(public_key).await?),
+            (None, None) => None,
+        };
+        let groups = if self.config.creates_security_group() {
+            vec![self.security_group(vpc.as_deref(), request.ssh_port.unwrap_or(SSH_PORT)).await?]
+        } else {
+            self.config.security_group_ids.clone()
+        };
+        self.launch(key_name, groups, root_device).await
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), DriverError> {
+        match self.ec2().await.terminate_instances().instance_ids(id).send().await {
+            Ok(_) => info!(instance = id, "ec2: terminating the instance"),
+            Err(e) => {
+                let error = AwsError::from_sdk("TerminateInstances", e);
+                if !error.is_not_found() {
+                    return Err(self.error(error));
+                }
+            }
+        }
+        self.wait_terminated(id).await?;
+        self.remove_leftovers().await
+    }
+
+    async fn remove_leftovers(&self) -> Result<(), DriverError> {
+        self.delete_security_groups().await?;
+        self.delete_key_pairs().await?;
+        self.delete_volumes().await
+    }
+
+    async fn start(&self, id: &str) -> Result<(), DriverError> {
+        self.ec2()
+            .await
+            .start_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| self.error(AwsError::from_sdk("StartInstances", e)))
+    }
+
+    async fn stop(&self, id: &str) -> Result<(), DriverError> {
+        self.not_for_spot(Operation::Stop)?;
+        self.ec2()
+            .await
+            .stop_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| self.error(AwsError::from_sdk("StopInstances", e)))
+    }
+
+    async fn kill(&self, id: &str) -> Result<(), DriverError> {
+        self.not_for_spot(Operation::Kill)?;
+        self.ec2()
+            .await
+            .stop_instances()
+            .instance_ids(id)
+            .force(true)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| self.error(AwsError::from_sdk("StopInstances", e)))
+    }
+
+    async fn restart(&self, id: &str) -> Result<(), DriverError> {
+        self.ec2()
+            .await
+            .reboot_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| self.error(AwsError::from_sdk("RebootInstances", e)))
+    }
+
+    async fn status(&self, id: &str) -> Result<State, DriverError> {
+        Ok(self.describe(id).await?.map_or(State::NotFound, |i| instance_state(&i)))
+    }
+
+    async fn addresses(&self, id: &str) -> Result<Vec<Address>, DriverError> {
+        let Some(instance) = self.describe(id).await? else { return Ok(Vec::new()) };
+        let mut addresses = Vec::new();
+        let mut push = |kind, value: Option<&str>| {
+            if let Some(address) = value.filter(|v| !v.is_empty()) {
+                addresses.push(Address { kind, address: address.to_string() });
+            }
+        };
+        if self.config.use_private_address == Some(true) {
+            push(AddressType::InternalIP, instance.private_ip_address());
+            push(AddressType::ExternalIP, instance.public_ip_address());
+        } else {
+            push(AddressType::ExternalIP, instance.public_ip_address());
+            push(AddressType::InternalIP, instance.private_ip_address());
+        }
+        push(AddressType::Hostname, instance.public_dns_name());
+        push(AddressType::Hostname, instance.private_dns_name());
+        Ok(addresses)
+    }
+
+    async fn ssh_endpoint(&self, id: &str) -> Result<Option<SshEndpoint>, DriverError> {
+        let Some(instance) = self.describe(id).await? else { return Ok(None) };
+        let public = instance.public_ip_address().filter(|a| !a.is_empty());
+        let private = instance.private_ip_address().filter(|a| !a.is_empty());
+        let host = if self.config.use_private_address == Some(true) { private } else { public.or(private) };
+        Ok(host.map(|host| SshEndpoint {
+            host: host.to_string(),
+            port: SSH_PORT,
+            user: self.config.ssh_user().to_string(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ec2_states_map_onto_driver_states() {
+        let cases = [
+            (InstanceStateName::Pending, State::Starting),
+            (InstanceStateName::Running, State::Running),
+            (InstanceStateName::Stopping, State::Stopping),
+            (InstanceStateName::Stopped, State::Stopped),
+            (InstanceStateName::ShuttingDown, State::NotFound),
+            (InstanceStateName::Terminated, State::NotFound),
+        ];
+        for (ec2, state) in cases {
+            assert_eq!(state_of(Some(&ec2)), state, "{ec2:?}");
+        }
+        assert_eq!(state_of(None), State::None);
+    }
+}

@@ -1,0 +1,417 @@
+//! The amazonec2 driver against moto's EC2 emulator (a real EC2 API on loopback), each
+//! test with a server of its own. The tests look at what the driver left in "AWS"
+//! through the same SDK, by the Machine's UID tag.
+
+use aws_sdk_ec2::Client;
+use aws_sdk_ec2::types::{Filter, InstanceStateName, ResourceType, Tag, TagSpecification};
+use machinist_drivers::amazonec2::{Amazonec2Config, CredentialSource, Ec2Connector, Ec2Driver, SpotConfig, UID_TAG};
+use machinist_drivers::{AddressType, CreateRequest, Credentials, Driver, DriverError, MachineRef, Operation, State};
+use machinist_test_moto::{ACCESS_KEY_ID, AMI, Moto, REGION, SECRET_ACCESS_KEY};
+
+const PUBLIC_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHQ3wV3kbLhmRA1tBq2+dQXz2w0t1k6b1a1hZlJpCw7e machinist";
+
+fn machine(uid: &str) -> MachineRef {
+    MachineRef { uid: uid.into(), name: "web-1".into(), namespace: "team-a".into() }
+}
+
+fn credentials() -> Credentials {
+    Credentials(
+        [("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID), ("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+    )
+}
+
+fn config(moto: &Moto) -> Amazonec2Config {
+    Amazonec2Config {
+        region: REGION.into(),
+        ami: AMI.into(),
+        endpoint_url: Some(moto.endpoint()),
+        ..Default::default()
+    }
+}
+
+fn driver(uid: &str, config: Amazonec2Config) -> Ec2Driver {
+    Ec2Driver::new(Ec2Connector::new(), machine(uid), config, &credentials()).expect("a valid driver")
+}
+
+fn request() -> CreateRequest {
+    CreateRequest { ssh_public_key: Some(PUBLIC_KEY.into()), ssh_port: None }
+}
+
+async fn ec2(moto: &Moto) -> Client {
+    let source = CredentialSource::from_credentials(&credentials()).unwrap();
+    Ec2Connector::new().client(REGION, Some(&moto.endpoint()), &source).await
+}
+
+fn uid_filter(uid: &str) -> Filter {
+    Filter::builder().name(format!("tag:{UID_TAG}")).values(uid).build()
+}
+
+/// Everything in "AWS" tagged with the Machine's UID, as `kind id` lines; instances that
+/// are terminated do not count.
+async fn tagged(client: &Client, uid: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let instances = client.describe_instances().filters(uid_filter(uid)).send().await.unwrap();
+    for i in instances.reservations().iter().flat_map(|r| r.instances()) {
+        if i.state().and_then(|s| s.name()) != Some(&InstanceStateName::Terminated) {
+            found.push(format!("instance {}", i.instance_id().unwrap()));
+        }
+    }
+    let keys = client.describe_key_pairs().filters(uid_filter(uid)).send().await.unwrap();
+    found.extend(keys.key_pairs().iter().map(|k| format!("key-pair {}", k.key_name().unwrap())));
+    let groups = client.describe_security_groups().filters(uid_filter(uid)).send().await.unwrap();
+    found.extend(groups.security_groups().iter().map(|g| format!("security-group {}", g.group_name().unwrap())));
+    let volumes = client.describe_volumes().filters(uid_filter(uid)).send().await.unwrap();
+    found.extend(volumes.volumes().iter().map(|v| format!("volume {}", v.volume_id().unwrap())));
+    found.sort();
+    found
+}
+
+fn tag_map(tags: &[Tag]) -> std::collections::BTreeMap<String, String> {
+    tags.iter().map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string())).collect()
+}
+
+async fn instance(client: &Client, id: &str) -> aws_sdk_ec2::types::Instance {
+    let out = client.describe_instances().instance_ids(id).send().await.unwrap();
+    out.reservations()[0].instances()[0].clone()
+}
+
+fn field_of(error: &DriverError) -> &str {
+    match error {
+        DriverError::InvalidConfig { field, .. } => field,
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_whole_lifecycle_leaves_nothing_behind() {
+    let moto = Moto::start();
+    let client = ec2(&moto).await;
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-000000000001";
+    let d = driver(
+        uid,
+        Amazonec2Config { ssh_cidrs: vec!["203.0.113.0/24".into(), "2001:db8::/32".into()], ..config(&moto) },
+    );
+
+    assert_eq!(d.find().await.unwrap(), None, "nothing to adopt yet");
+    let id = d.create(&request()).await.expect("Create launches an instance");
+    assert!(id.starts_with("i-"), "{id}");
+
+    // The instance: launched with the UID's client token, the imported key and the
+    // group machinist made, and tagged at creation.
+    let i = instance(&client, &id).await;
+    assert_eq!(i.client_token(), Some(d.client_token().as_str()));
+    assert_eq!(i.key_name(), Some(format!("machinist-{uid}").as_str()));
+    let tags = tag_map(i.tags());
+    assert_eq!(tags[UID_TAG], uid);
+    assert_eq!(tags["machinist.dev/machine-name"], "web-1");
+    assert_eq!(tags["machinist.dev/machine-namespace"], "team-a");
+    assert_eq!(tags["Name"], "team-a/web-1");
+    assert_eq!(i.security_groups().len(), 1);
+    let group_id = i.security_groups()[0].group_id().unwrap();
+
+    // The security group lets in only SSH, from the configured CIDRs.
+    let groups = client.describe_security_groups().group_ids(group_id).send().await.unwrap();
+    let group = &groups.security_groups()[0];
+    assert_eq!(group.group_name(), Some(format!("machinist-{uid}").as_str()));
+    assert_eq!(tag_map(group.tags())[UID_TAG], uid);
+    let rules = group.ip_permissions();
+    assert_eq!(rules.len(), 1, "{rules:#?}");
+    assert_eq!((rules[0].ip_protocol(), rules[0].from_port(), rules[0].to_port()), (Some("tcp"), Some(22), Some(22)));
+    let v4: Vec<_> = rules[0].ip_ranges().iter().filter_map(|r| r.cidr_ip()).collect();
+    let v6: Vec<_> = rules[0].ipv6_ranges().iter().filter_map(|r| r.cidr_ipv6()).collect();
+    assert_eq!((v4, v6), (vec!["203.0.113.0/24"], vec!["2001:db8::/32"]));
+
+    assert_eq!(
+        tagged(&client, uid).await.len(),
+        4,
+        "an instance, a key pair, a security group and a root volume: {:?}",
+        tagged(&client, uid).await
+    );
+
+    // Status, addresses and where SSH answers.
+    assert_eq!(d.status(&id).await.unwrap(), State::Running);
+    let addresses = d.addresses(&id).await.unwrap();
+    let kinds: Vec<_> = addresses.iter().map(|a| a.kind).collect();
+    assert_eq!(kinds[..2], [AddressType::ExternalIP, AddressType::InternalIP]);
+    assert!(kinds.contains(&AddressType::Hostname));
+    let endpoint = d.ssh_endpoint(&id).await.unwrap().expect("a running instance has an SSH endpoint");
+    assert_eq!(
+        (endpoint.host.as_str(), endpoint.port, endpoint.user.as_str()),
+        (addresses[0].address.as_str(), 22, "ubuntu")
+    );
+
+    // Power.
+    d.stop(&id).await.unwrap();
+    assert_eq!(d.status(&id).await.unwrap(), State::Stopped);
+    d.start(&id).await.unwrap();
+    assert_eq!(d.status(&id).await.unwrap(), State::Running);
+    d.kill(&id).await.unwrap();
+    assert_eq!(d.status(&id).await.unwrap(), State::Stopped);
+    d.start(&id).await.unwrap();
+    d.restart(&id).await.unwrap();
+    assert_eq!(d.status(&id).await.unwrap(), State::Running);
+
+    // Remove: terminated, and nothing tagged with the Machine's UID remains.
+    d.remove(&id).await.expect("Remove");
+    assert_eq!(instance(&client, &id).await.state().and_then(|s| s.name()), Some(&InstanceStateName::Terminated));
+    assert_eq!(d.status(&id).await.unwrap(), State::NotFound);
+    assert_eq!(tagged(&client, uid).await, Vec::<String>::new());
+    assert_eq!(d.find().await.unwrap(), None, "a terminated instance is not adopted");
+    d.remove(&id).await.expect("Remove again is done at once");
+}
+
+#[tokio::test]
+async fn a_controller_restarted_after_run_instances_adopts_the_one_instance() {
+    let moto = Moto::start();
+    let client = ec2(&moto).await;
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-000000000002";
+
+    // The first controller launched the instance and died before writing providerID.
+    let id = driver(uid, config(&moto)).create(&request()).await.unwrap();
+
+    // The next one (a new driver: nothing carried over) looks before it creates.
+    let found = driver(uid, config(&moto)).find().await.unwrap().expect("the tagged instance is found");
+    assert_eq!((found.id.as_str(), found.state), (id.as_str(), State::Running));
+    let live: Vec<_> = tagged(&client, uid).await.into_iter().filter(|t| t.starts_with("instance ")).collect();
+    assert_eq!(live, vec![format!("instance {id}")], "exactly one instance for the Machine");
+}
+
+#[tokio::test]
+async fn an_interrupted_create_reuses_its_key_pair_and_security_group() {
+    let moto = Moto::start();
+    let client = ec2(&moto).await;
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-000000000003";
+    // A Create that failed at RunInstances (no such instance profile) after making the
+    // key pair and the security group.
+    let broken = Amazonec2Config { iam_instance_profile: Some("no-such-profile".into()), ..config(&moto) };
+    let error = driver(uid, broken).create(&request()).await.expect_err("RunInstances fails");
+    assert_eq!(field_of(&error), "spec.driver.amazonec2.iamInstanceProfile");
+    assert_eq!(tagged(&client, uid).await.len(), 2, "{:?}", tagged(&client, uid).await);
+
+    // Fixed: the retry launches with the same key pair and group, and makes no others.
+    let id = driver(uid, config(&moto)).create(&request()).await.unwrap();
+    let found = tagged(&client, uid).await;
+    let kinds: Vec<_> = found.iter().map(|t| t.split(' ').next().unwrap()).collect();
+    assert_eq!(kinds, ["instance", "key-pair", "security-group", "volume"], "{found:?}");
+    driver(uid, config(&moto)).remove(&id).await.unwrap();
+    assert_eq!(tagged(&client, uid).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn leftovers_of_a_failed_create_are_removed_without_an_instance() {
+    let moto = Moto::start();
+    let client = ec2(&moto).await;
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-000000000004";
+    let broken = Amazonec2Config { iam_instance_profile: Some("no-such-profile".into()), ..config(&moto) };
+    let d = driver(uid, broken);
+    d.create(&request()).await.expect_err("RunInstances fails");
+    assert_eq!(d.find().await.unwrap(), None);
+
+    d.remove_leftovers().await.expect("the key pair and the group go");
+    assert_eq!(tagged(&client, uid).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn an_instance_created_out_of_band_with_the_tag_is_adopted() {
+    let moto = Moto::start();
+    let client = ec2(&moto).await;
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-000000000005";
+    let tag = |value: &str| Tag::builder().key(UID_TAG).value(value).build();
+    let launch = |value: &str| {
+        client
+            .run_instances()
+            .image_id(AMI)
+            .min_count(1)
+            .max_count(1)
+            .tag_specifications(
+                TagSpecification::builder().resource_type(ResourceType::Instance).tags(tag(value)).build(),
+            )
+            .send()
+    };
+    let other = launch("someone-else").await.unwrap();
+    let ours = launch(uid).await.unwrap();
+    let ours = ours.instances()[0].instance_id().unwrap().to_string();
+    let other = other.instances()[0].instance_id().unwrap().to_string();
+
+    let d = driver(uid, config(&moto));
+    let found = d.find().await.unwrap().expect("adopted");
+    assert_eq!(found.id, ours);
+    d.stop(&ours).await.unwrap();
+    assert_eq!(d.find().await.unwrap().map(|i| i.state), Some(State::Stopped), "a stopped instance is adopted too");
+
+    d.remove(&ours).await.unwrap();
+    assert_eq!(d.find().await.unwrap(), None);
+    assert_eq!(driver("someone-else", config(&moto)).find().await.unwrap().map(|i| i.id), Some(other), "left alone");
+}
+
+#[tokio::test]
+async fn user_supplied_security_groups_and_key_pairs_are_used_and_never_deleted() {
+    let moto = Moto::start();
+    let client = ec2(&moto).await;
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-000000000006";
+    let group = client.create_security_group().group_name("ops-ssh").description("ops").send().await.unwrap();
+    let group = group.group_id().unwrap().to_string();
+    client.import_key_pair().key_name("ops").public_key_material(PUBLIC_KEY.as_bytes().into()).send().await.unwrap();
+
+    let d = driver(
+        uid,
+        Amazonec2Config { security_group_ids: vec![group.clone()], key_name: Some("ops".into()), ..config(&moto) },
+    );
+    let id = d.create(&request()).await.unwrap();
+    let i = instance(&client, &id).await;
+    assert_eq!(i.key_name(), Some("ops"));
+    assert_eq!(i.security_groups().iter().filter_map(|g| g.group_id()).collect::<Vec<_>>(), [group.as_str()]);
+    let made: Vec<_> = tagged(&client, uid).await.into_iter().filter(|t| !t.starts_with("volume ")).collect();
+    assert_eq!(made, [format!("instance {id}")], "no key pair or group of machinist's own");
+
+    d.remove(&id).await.unwrap();
+    assert_eq!(client.describe_security_groups().group_ids(&group).send().await.unwrap().security_groups().len(), 1);
+    assert_eq!(client.describe_key_pairs().key_names("ops").send().await.unwrap().key_pairs().len(), 1);
+}
+
+#[tokio::test]
+async fn launch_settings_reach_run_instances() {
+    let moto = Moto::start();
+    let client = ec2(&moto).await;
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-000000000007";
+    let subnets = client.describe_subnets().send().await.unwrap();
+    let subnet = subnets.subnets()[0].subnet_id().unwrap().to_string();
+    let d = driver(
+        uid,
+        Amazonec2Config {
+            instance_type: Some("m5.large".into()),
+            subnet_id: Some(subnet.clone()),
+            root_volume_size: Some(40),
+            root_volume_type: Some(machinist_drivers::amazonec2::RootVolumeType::Gp3),
+            associate_public_ip: Some(true),
+            use_private_address: Some(true),
+            ssh_user: Some("ec2-user".into()),
+            user_data: Some("#cloud-config\nruncmd: [touch /tmp/hello]\n".into()),
+            tags: [("team".to_string(), "platform".to_string()), ("Name".to_string(), "web".to_string())].into(),
+            ..config(&moto)
+        },
+    );
+    let id = d.create(&CreateRequest { ssh_port: Some(2222), ..request() }).await.unwrap();
+    let i = instance(&client, &id).await;
+    assert_eq!(i.instance_type().map(|t| t.as_str()), Some("m5.large"));
+    assert_eq!(i.subnet_id(), Some(subnet.as_str()));
+    let tags = tag_map(i.tags());
+    assert_eq!((tags["team"].as_str(), tags["Name"].as_str()), ("platform", "web"));
+
+    let volumes = client.describe_volumes().filters(uid_filter(uid)).send().await.unwrap();
+    let root = &volumes.volumes()[0];
+    assert_eq!((root.size(), root.volume_type().map(|t| t.as_str())), (Some(40), Some("gp3")));
+    assert_eq!(tag_map(root.tags())["team"], "platform");
+
+    // associatePublicIp puts the subnet and the group on the network interface.
+    let groups = client.describe_security_groups().filters(uid_filter(uid)).send().await.unwrap();
+    let group = groups.security_groups()[0].group_id().unwrap();
+    let nic_groups: Vec<_> = i.network_interfaces()[0].groups().iter().filter_map(|g| g.group_id()).collect();
+    assert!(nic_groups.contains(&group), "{nic_groups:?} has {group}");
+    assert!(i.network_interfaces()[0].association().is_some(), "a public address was asked for");
+    let rule = &groups.security_groups()[0].ip_permissions()[0];
+    assert_eq!((rule.from_port(), rule.to_port()), (Some(2222), Some(2222)), "the SSH port of spec.ssh.port");
+    assert_eq!(groups.security_groups()[0].vpc_id(), subnets.subnets()[0].vpc_id(), "in the subnet's VPC");
+
+    let user_data = client
+        .describe_instance_attribute()
+        .instance_id(&id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let encoded = user_data.user_data().and_then(|v| v.value()).unwrap();
+    use base64::Engine;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded).unwrap();
+    assert_eq!(String::from_utf8(decoded).unwrap(), "#cloud-config\nruncmd: [touch /tmp/hello]\n");
+
+    // usePrivateAddress: SSH goes to the private address, as the user named.
+    let endpoint = d.ssh_endpoint(&id).await.unwrap().unwrap();
+    assert_eq!((endpoint.host.as_str(), endpoint.user.as_str()), (i.private_ip_address().unwrap(), "ec2-user"));
+    d.remove(&id).await.unwrap();
+    assert_eq!(tagged(&client, uid).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_spot_instance_launches_and_refuses_to_stop() {
+    let moto = Moto::start();
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-000000000008";
+    let d = driver(uid, Amazonec2Config { spot: Some(SpotConfig { max_price: Some("0.05".into()) }), ..config(&moto) });
+    let id = d.create(&request()).await.unwrap();
+    let i = instance(&ec2(&moto).await, &id).await;
+    assert_eq!(i.instance_lifecycle().map(|l| l.as_str()), Some("spot"));
+    for (operation, result) in [(Operation::Stop, d.stop(&id).await), (Operation::Kill, d.kill(&id).await)] {
+        match result {
+            Err(DriverError::NotSupported { operation: op, .. }) => assert_eq!(op, operation),
+            other => panic!("{operation}: expected NotSupported, got {other:?}"),
+        }
+    }
+    d.remove(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_launch_settings_are_invalid_config_before_anything_is_created() {
+    let moto = Moto::start();
+    let client = ec2(&moto).await;
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-000000000009";
+    let cases = [
+        (Amazonec2Config { ami: "ami-0badc0de".into(), ..config(&moto) }, "spec.driver.amazonec2.ami"),
+        (
+            Amazonec2Config { subnet_id: Some("subnet-0badc0de".into()), ..config(&moto) },
+            "spec.driver.amazonec2.subnetId",
+        ),
+    ];
+    for (config, field) in cases {
+        let error = driver(uid, config).create(&request()).await.expect_err("refused");
+        assert_eq!(field_of(&error), field, "{error}");
+        assert!(error.to_string().contains("does not exist"), "{error}");
+    }
+    assert_eq!(tagged(&client, uid).await, Vec::<String>::new(), "nothing was created");
+
+    // A security group that does not exist, named by EC2's own error code.
+    let missing = Amazonec2Config { security_group_ids: vec!["sg-0badc0de".into()], ..config(&moto) };
+    let error = driver(uid, missing).create(&request()).await.expect_err("refused");
+    assert_eq!(field_of(&error), "spec.driver.amazonec2.securityGroupIds", "{error}");
+    assert!(error.to_string().contains("EC2 RunInstances: InvalidGroup.NotFound: "), "{error}");
+    assert!(error.to_string().contains("(request id "), "{error}");
+}
+
+#[tokio::test]
+async fn unknown_credentials_are_invalid_config_naming_the_secret() {
+    let moto = Moto::start_with_auth();
+    let d = driver("1f0c5c4e-7a6b-4b8e-9d51-00000000000a", config(&moto));
+    let error = d.find().await.expect_err("moto knows no such access key");
+    assert_eq!(field_of(&error), "spec.credentialsSecretRef");
+    let message = error.to_string();
+    assert!(message.contains("EC2 DescribeInstances: AuthFailure: "), "{message}");
+    assert!(!message.contains(SECRET_ACCESS_KEY), "never the secret: {message}");
+}
+
+#[tokio::test]
+async fn missing_instances_and_an_unreachable_endpoint_are_typed() {
+    let moto = Moto::start();
+    let d = driver("1f0c5c4e-7a6b-4b8e-9d51-00000000000b", config(&moto));
+    let gone = "i-0123456789abcdef0";
+    assert_eq!(d.status(gone).await.unwrap(), State::NotFound);
+    assert!(d.ssh_endpoint(gone).await.unwrap().is_none());
+    assert_eq!(d.start(gone).await.unwrap_err().reason(), "NotFound");
+    d.remove(gone).await.expect("removing what is not there is done");
+
+    // Nothing listens on the endpoint: worth retrying, and says where it tried.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let nowhere = Amazonec2Config { endpoint_url: Some(format!("http://{closed}")), ..config(&moto) };
+    let error = driver("1f0c5c4e-7a6b-4b8e-9d51-00000000000b", nowhere).status(gone).await.unwrap_err();
+    assert_eq!(error.reason(), "TransientError", "{error}");
+    assert!(error.to_string().starts_with("EC2 DescribeInstances: "), "{error}");
+}
+
+#[tokio::test]
+async fn credentials_without_both_keys_are_refused_before_any_call() {
+    let config = Amazonec2Config { region: REGION.into(), ami: AMI.into(), ..Default::default() };
+    let only_id = Credentials([("AWS_ACCESS_KEY_ID".to_string(), b"AKID".to_vec())].into());
+    let error = Ec2Driver::new(Ec2Connector::new(), machine("u"), config, &only_id).err().expect("refused");
+    assert_eq!(field_of(&error), "spec.credentialsSecretRef");
+}

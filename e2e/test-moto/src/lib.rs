@@ -1,0 +1,125 @@
+//! moto's EC2 API emulator for tests: `moto_server` on a free loopback port, one per
+//! test (its state is the test's alone), killed when the `Moto` is dropped.
+//!
+//! `moto_server` comes from the Python package `moto[server]`, which `scripts/test.sh`
+//! installs into `.venv` (see `requirements.txt` beside this crate). It is looked up in
+//! `$MACHINIST_MOTO_SERVER`, then `<workspace>/.venv/bin/moto_server`, then `$PATH`.
+//!
+//! moto answers like EC2 with a few differences the tests keep in mind: instances are
+//! `running` at the first look and `stopped` or `terminated` at once; it does not honour
+//! `RunInstances` client tokens (but stores them); it deletes a security group still in
+//! use; and it cannot be reached over SSH.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A Linux AMI in moto's default image set (Ubuntu 14.04, root device `/dev/sda1`).
+pub const AMI: &str = "ami-1e749f67";
+pub const REGION: &str = "us-east-1";
+/// Any access keys do for moto, unless started with [`Moto::start_with_auth`].
+pub const ACCESS_KEY_ID: &str = "AKIDMACHINISTTEST";
+pub const SECRET_ACCESS_KEY: &str = "machinist-test-secret";
+
+const INSTALL: &str = "scripts/test.sh installs it into .venv; or: python3 -m venv .venv && \
+                       .venv/bin/pip install -r e2e/test-moto/requirements.txt";
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Moto {
+    child: Child,
+    address: SocketAddr,
+    /// moto's log (a line per request), removed with the server.
+    log: PathBuf,
+}
+
+impl Moto {
+    /// Starts a server that accepts any credentials. Panics, naming the install
+    /// command, when `moto_server` is missing: these tests must not pass by skipping.
+    pub fn start() -> Moto {
+        Self::spawn(false)
+    }
+
+    /// Starts a server that checks credentials against its own IAM: any access key it
+    /// did not issue fails with `AuthFailure`.
+    pub fn start_with_auth() -> Moto {
+        Self::spawn(true)
+    }
+
+    /// `http://127.0.0.1:<port>`, for `spec.driver.amazonec2.endpointUrl`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    fn spawn(auth: bool) -> Moto {
+        let program = moto_server();
+        let mut last_error = String::new();
+        // The free port is found by binding, then released for moto: another process may
+        // take it in between, so try again a few times.
+        for _ in 0..3 {
+            let address = free_port();
+            let log =
+                std::env::temp_dir().join(format!("machinist-moto-{}-{}.log", std::process::id(), address.port()));
+            let file = File::create(&log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+            let mut command = Command::new(&program);
+            command
+                .args(["-H", "127.0.0.1", "-p", &address.port().to_string()])
+                .stdin(Stdio::null())
+                .stdout(file.try_clone().expect("a second handle on the log"))
+                .stderr(file);
+            if auth {
+                command.env("INITIAL_NO_AUTH_ACTION_COUNT", "0");
+            }
+            let mut child = command.spawn().unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+            let deadline = Instant::now() + READY_TIMEOUT;
+            loop {
+                if TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok() {
+                    return Moto { child, address, log };
+                }
+                if let Ok(Some(status)) = child.try_wait() {
+                    let output = std::fs::read_to_string(&log).unwrap_or_default();
+                    let _ = std::fs::remove_file(&log);
+                    last_error = format!("moto_server exited with {status}: {}", output.trim());
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("moto_server did not listen on {address} within {}s", READY_TIMEOUT.as_secs());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        panic!("moto_server did not start: {last_error}");
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
+    listener.local_addr().expect("the bound address")
+}
+
+fn moto_server() -> PathBuf {
+    if let Some(path) = std::env::var_os("MACHINIST_MOTO_SERVER") {
+        return PathBuf::from(path);
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/moto_server");
+    if venv.exists() {
+        return venv;
+    }
+    let on_path = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("moto_server"))
+        .find(|p| p.exists());
+    on_path.unwrap_or_else(|| panic!("moto_server is missing: the amazonec2 tests need moto's EC2 emulator. {INSTALL}"))
+}
