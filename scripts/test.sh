@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need and runs every test: formatting, lints, the dependency
-# rules, unit and property tests, mocked-API tests, the test server's fidelity check
+# rules, unit and property tests, mocked-API tests, the amazonec2 driver against moto's
+# EC2 emulator, the test server's fidelity check
 # against recorded kube-apiserver traces, and the end-to-end suite (against the
 # in-process test server, or the cluster named by MACHINIST_E2E_KUBECONFIG).
 # CI runs exactly this (.ci/run).
@@ -22,6 +23,17 @@ if [ ! -x /usr/sbin/sshd ]; then
   service ssh stop >/dev/null 2>&1 || true
 fi
 /usr/sbin/sshd -V 2>&1 | head -1 || true
+
+# moto's EC2 emulator for the amazonec2 tests (they start their own moto_server on
+# loopback), in the same .venv as the chart tests' tools.
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+if ! cmp -s e2e/test-moto/requirements.txt .venv/.moto-requirements; then
+  .venv/bin/pip install -q --disable-pip-version-check -r e2e/test-moto/requirements.txt
+  cp e2e/test-moto/requirements.txt .venv/.moto-requirements
+fi
+echo "moto $(.venv/bin/python -c 'import moto; print(moto.__version__)')"
 
 step "formatting"
 cargo fmt --all -- --check

@@ -2,6 +2,9 @@ use std::time::Duration;
 
 use crate::Operation;
 
+/// The field an error about the provider credentials names.
+pub const CREDENTIALS_FIELD: &str = "spec.credentialsSecretRef";
+
 /// A driver failure, typed so the controller knows how to retry it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DriverError {
@@ -46,7 +49,13 @@ impl DriverError {
 
     /// Whether retrying the same call later can succeed without a spec change.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, DriverError::Transient { .. } | DriverError::RateLimited { .. } | DriverError::NotFound { .. })
+        match self {
+            DriverError::Transient { .. } | DriverError::RateLimited { .. } | DriverError::NotFound { .. } => true,
+            // Credentials live in a Secret, outside the spec: fixing or rotating them
+            // changes no generation, so they are tried again (with backoff).
+            DriverError::InvalidConfig { field, .. } => field == CREDENTIALS_FIELD,
+            DriverError::NotSupported { .. } => false,
+        }
     }
 
     /// The least time to wait before retrying, when the provider said so.
@@ -56,5 +65,20 @@ impl DriverError {
             DriverError::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_errors_a_retry_can_fix_are_retryable() {
+        assert!(DriverError::transient("x").is_retryable());
+        assert!(DriverError::NotFound { message: "x".into() }.is_retryable());
+        assert!(!DriverError::invalid_config("spec.driver.fake.instanceType", "x").is_retryable());
+        // Fixed in the Secret, not the spec: no spec change will come to retry it.
+        assert!(DriverError::invalid_config(CREDENTIALS_FIELD, "rejected").is_retryable());
+        assert!(!DriverError::NotSupported { operation: Operation::Stop, message: "x".into() }.is_retryable());
     }
 }

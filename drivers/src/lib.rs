@@ -23,5 +23,5 @@ pub mod ssh;
 pub use contract::{
     Address, AddressType, CreateRequest, Credentials, Driver, Instance, MachineRef, Operation, SshEndpoint, State,
 };
-pub use error::DriverError;
+pub use error::{CREDENTIALS_FIELD, DriverError};
 pub use registry::{DriverConfig, DriverSpec, Drivers};

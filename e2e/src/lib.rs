@@ -386,10 +386,12 @@ impl Env {
 
     /// Removes every Machine (through the controller), then the namespace.
     pub async fn cleanup(mut self) -> Result<()> {
-        if self.controller.is_none() {
+        let machines = self.machines.list(&ListParams::default()).await?.items;
+        // A controller is needed only to release finalizers.
+        if self.controller.is_none() && machines.iter().any(|m| !m.finalizers().is_empty()) {
             self.start_controller();
         }
-        for machine in self.machines.list(&ListParams::default()).await?.items {
+        for machine in machines {
             self.delete_and_wait(&machine.name_any()).await?;
         }
         self.stop_controller().await?;

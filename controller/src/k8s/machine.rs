@@ -322,6 +322,8 @@ async fn observe(machine: &Machine, ctx: &Context) -> Result<(Option<Arc<dyn Dri
     };
     let driver = match ctx.drivers.driver(&machine.spec.driver, machine_ref(machine), credentials) {
         Ok(d) => d,
+        // Bad credentials are fixed in their Secret, not the spec: retried with backoff.
+        Err(error) if error.is_retryable() => return Ok((None, Observed::Failed(error))),
         Err(error) => return Ok((None, Observed::InvalidSpec(error))),
     };
     let known = machine.status.as_ref().and_then(|s| s.provider_id.clone());
@@ -352,7 +354,9 @@ async fn observe(machine: &Machine, ctx: &Context) -> Result<(Option<Arc<dyn Dri
             };
             Observed::Instance { id, state, addresses }
         }
-        Err(error @ DriverError::InvalidConfig { .. }) => Observed::InvalidSpec(error),
+        Err(error) if !error.is_retryable() && matches!(error, DriverError::InvalidConfig { .. }) => {
+            Observed::InvalidSpec(error)
+        }
         Err(error) => Observed::Failed(error),
     };
     debug!(?observed, "observed");

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::operation::RequestId;
 
 use crate::DriverError;
@@ -91,7 +91,7 @@ impl AwsError {
             SdkError::TimeoutError(_) => {
                 AwsError { action, code: None, message: "no answer in time".into(), request_id }
             }
-            _ => AwsError { action, code: None, message: DisplayErrorContext(&error).to_string(), request_id },
+            _ => AwsError { action, code: None, message: error_chain(&error), request_id },
         }
     }
 
@@ -193,6 +193,21 @@ impl AwsError {
             _ => DriverError::transient(text),
         }
     }
+}
+
+/// `dispatch failure: io error: ...: Name or service not known`: each cause once, without
+/// the debug dump the SDK's own context display appends.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !parts.last().is_some_and(|last| last.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
 }
 
 #[cfg(test)]

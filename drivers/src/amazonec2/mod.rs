@@ -97,7 +97,15 @@ impl Ec2Driver {
             .await
     }
 
-    fn error(&self, error: AwsError) -> DriverError {
+    fn error(&self, mut error: AwsError) -> DriverError {
+        if error.code.is_none() {
+            // No answer from EC2: say where it was asked.
+            let at = match &self.config.endpoint_url {
+                Some(url) => format!("at {url}"),
+                None => format!("in {}", self.config.region),
+            };
+            error.message = format!("no answer from EC2 {at}: {}", error.message);
+        }
         error.to_driver_error(self.source.describe())
     }
 
