@@ -7,7 +7,7 @@
 # TLS is rustls with the ring provider, so there is no OpenSSL to link; ring's C and
 # assembly parts are compiled with musl-gcc (musl-tools).
 
-ARG RUST_VERSION=1.89
+ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-bookworm AS build
 RUN apt-get update \

@@ -169,6 +169,18 @@ async fn wrong_bootstrap_credentials_are_reported() -> Result<()> {
         .await?;
     let ready = condition(&m, ConditionType::Ready).unwrap();
     assert!(ready.message.contains("spec.credentialsSecretRef") || ready.reason == "AuthFailed", "{ready:?}");
+    assert!(m.status.as_ref().unwrap().failures.as_ref().unwrap().next_retry_time.is_some(), "retried: {m:?}");
+
+    // Fixed in the Secret alone (no spec change): the next retry logs in.
+    let login = ByteString(sshd.bootstrap_private_key().into_bytes());
+    secrets
+        .patch(
+            "login",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({ "data": { "ssh-privatekey": login } })),
+        )
+        .await?;
+    env.wait_ready("host").await?;
     env.cleanup().await
 }
 

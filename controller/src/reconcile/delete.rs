@@ -63,9 +63,19 @@ pub fn plan_cleanup(input: &Input<'_>) -> CleanupPlan {
             return CleanupPlan { status, next: CleanupNext::Wait(None), notes };
         }
         (Observed::Failed(error), None) => {
+            // Not yet due: keep the recorded failure as it is (a new record would be a
+            // write, whose watch event would wake this again at once).
+            if let Some(wait) = held_back(&before, machine, input.now) {
+                return CleanupPlan { status: before.clone(), next: CleanupNext::Wait(wait), notes };
+            }
             let (delay, note) = record_failure(&mut status, input, Operation::Status, error);
             notes.push(note);
             let message = status.failures.as_ref().map(|f| f.message.clone()).unwrap_or_default();
+            // An instance may exist that only the driver can find: the finalizer stays.
+            let message = format!(
+                "{message}; the finalizer stays until the driver can tell whether an instance exists (fix the \
+                 cause, or set deletionPolicy: Orphan to let the Machine go without looking)"
+            );
             conditions(&mut status, machine, input.now).set(
                 ConditionType::Deleting,
                 true,

@@ -1345,6 +1345,17 @@ fn failed_observation_without_an_id_backs_off() {
     assert_eq!(plan.next, CleanupNext::Wait(Some(secs(1))));
     assert_eq!(plan.status.failures.as_ref().unwrap().count, 1);
     assert_eq!(cond(&plan.status, ConditionType::Deleting), Some(("True", "NotFound")));
+    assert!(message(&plan.status, ConditionType::Deleting).contains("deletionPolicy: Orphan"));
+
+    // Woken again (by that very status write) before the retry is due: nothing changes,
+    // so nothing is written and no hot loop follows.
+    let machine = feed(&machine, &plan.status);
+    let early = plan_cleanup(&input_at(&machine, Observed::Failed(not_found()), now()));
+    assert_eq!(early.next, CleanupNext::Wait(Some(secs(1))));
+    assert_eq!(Some(&early.status), machine.status.as_ref());
+    assert!(early.notes.is_empty());
+    let due = plan_cleanup(&input_at(&machine, Observed::Failed(not_found()), at(1)));
+    assert_eq!(due.status.failures.as_ref().unwrap().count, 2);
 }
 
 #[test]
