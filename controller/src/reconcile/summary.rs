@@ -81,6 +81,9 @@ pub(super) fn last_operation(
     status.last_operation = Some(LastOperation { operation, result, message: message.into(), time: Time(now) });
 }
 
+/// How the message of a failed observation (driver Status) starts.
+pub(super) const OBSERVATION_FAILED: &str = "reading the instance failed";
+
 /// Records a failed driver call: counts it, schedules the retry (none for errors that
 /// need a spec change), and words the Event. A failed observation (`Status`) leaves
 /// `lastOperation` alone: it names the last operation that changed the instance.
@@ -92,7 +95,7 @@ pub(super) fn record_failure(
     error: &DriverError,
 ) -> (Option<Duration>, Note) {
     let detail = match operation {
-        Operation::Status => format!("reading the instance failed: {error}"),
+        Operation::Status => format!("{OBSERVATION_FAILED}: {error}"),
         _ => format!("{operation} failed: {error}"),
     };
     let recorded = (operation != Operation::Status).then_some(operation);

@@ -1339,6 +1339,28 @@ fn invalid_spec_deletion() {
 }
 
 #[test]
+fn a_failed_observation_is_not_recorded_again_before_its_retry_is_due() {
+    let machine = was(State::Running)(Machine::test());
+    let first = plan(&input(&machine, Observed::Failed(transient())));
+    assert_eq!(first.status.failures.as_ref().unwrap().count, 1);
+    assert_eq!(first.requeue, Some(secs(1)));
+
+    // The watch event of that status write wakes the Machine at once: same failure, not
+    // due yet. Nothing changes (so nothing is written) and the retry time is kept.
+    let machine = feed(&machine, &first.status);
+    let early = plan(&input_at(&machine, Observed::Failed(transient()), now()));
+    assert_eq!(Some(&early.status), machine.status.as_ref());
+    assert_eq!((early.step.clone(), early.requeue), (None, Some(secs(1))));
+    assert!(early.notes.is_empty());
+
+    // Due: counted again. Another failure (here: credentials gone) is recorded at once.
+    let due = plan(&input_at(&machine, Observed::Failed(transient()), at(1)));
+    assert_eq!(due.status.failures.as_ref().unwrap().count, 2);
+    let other = plan(&input_at(&machine, Observed::Failed(not_found()), now()));
+    assert_eq!(other.status.failures.as_ref().unwrap().reason, "NotFound");
+}
+
+#[test]
 fn failed_observation_without_an_id_backs_off() {
     let machine = Machine::test().deleting();
     let plan = plan_cleanup(&input(&machine, Observed::Failed(not_found())));
