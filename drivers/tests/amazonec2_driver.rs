@@ -4,9 +4,12 @@
 
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::types::{Filter, InstanceStateName, ResourceType, Tag, TagSpecification};
-use machinist_drivers::amazonec2::{Amazonec2Config, CredentialSource, Ec2Connector, Ec2Driver, SpotConfig, UID_TAG};
+use machinist_drivers::amazonec2::{
+    Amazonec2Config, CAPACITY_RETRY_AFTER, CredentialSource, Ec2Connector, Ec2Driver, SpotConfig,
+    THROTTLED_RETRY_AFTER, UID_TAG,
+};
 use machinist_drivers::{AddressType, CreateRequest, Credentials, Driver, DriverError, MachineRef, Operation, State};
-use machinist_test_moto::{ACCESS_KEY_ID, AMI, Moto, REGION, SECRET_ACCESS_KEY};
+use machinist_test_moto::{ACCESS_KEY_ID, AMI, FAULT_REQUEST_ID, FaultProxy, Moto, REGION, SECRET_ACCESS_KEY};
 
 const PUBLIC_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHQ3wV3kbLhmRA1tBq2+dQXz2w0t1k6b1a1hZlJpCw7e machinist";
 
@@ -414,4 +417,85 @@ async fn credentials_without_both_keys_are_refused_before_any_call() {
     let only_id = Credentials([("AWS_ACCESS_KEY_ID".to_string(), b"AKID".to_vec())].into());
     let error = Ec2Driver::new(Ec2Connector::new(), machine("u"), config, &only_id).err().expect("refused");
     assert_eq!(field_of(&error), "spec.credentialsSecretRef");
+}
+
+// What moto never answers, put in front of it by a proxy that speaks EC2's error format.
+
+fn through(proxy: &FaultProxy, moto: &Moto) -> Amazonec2Config {
+    Amazonec2Config { endpoint_url: Some(proxy.endpoint()), ..config(moto) }
+}
+
+#[tokio::test]
+async fn remove_waits_while_the_security_group_is_still_in_use() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto);
+    let client = ec2(&moto).await;
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-00000000000c";
+    let d = driver(uid, through(&proxy, &moto));
+    let id = d.create(&request()).await.unwrap();
+    // As EC2 does while the terminated instance's network interface is released.
+    proxy.fail("DeleteSecurityGroup", Some(2), 400, "DependencyViolation", "resource has a dependent object");
+
+    d.remove(&id).await.expect("Remove waits the dependency out");
+    assert_eq!(proxy.count("DeleteSecurityGroup"), 3);
+    assert_eq!(tagged(&client, uid).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn throttling_is_rate_limited_after_the_sdk_retries() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto);
+    proxy.fail("DescribeInstances", None, 503, "RequestLimitExceeded", "Request limit exceeded.");
+    let d = driver("1f0c5c4e-7a6b-4b8e-9d51-00000000000d", through(&proxy, &moto));
+
+    let error = d.status("i-0123456789abcdef0").await.unwrap_err();
+    assert_eq!(
+        error,
+        DriverError::RateLimited {
+            message: format!(
+                "EC2 DescribeInstances: RequestLimitExceeded: Request limit exceeded (request id {FAULT_REQUEST_ID})"
+            ),
+            retry_after: THROTTLED_RETRY_AFTER,
+        }
+    );
+    assert_eq!(proxy.count("DescribeInstances"), 3, "the SDK's standard retries came first");
+}
+
+#[tokio::test]
+async fn insufficient_capacity_is_transient_with_a_longer_wait() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto);
+    proxy.fail(
+        "RunInstances",
+        None,
+        500,
+        "InsufficientInstanceCapacity",
+        "We currently do not have sufficient capacity",
+    );
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-00000000000e";
+    let d = driver(uid, through(&proxy, &moto));
+
+    let error = d.create(&request()).await.unwrap_err();
+    assert_eq!(error.reason(), "TransientError", "{error}");
+    assert_eq!(error.retry_after(), Some(CAPACITY_RETRY_AFTER));
+    assert!(
+        error.to_string().contains(&format!(
+            "InsufficientInstanceCapacity: We currently do not have sufficient capacity (request id {FAULT_REQUEST_ID})"
+        )),
+        "{error}"
+    );
+    assert_eq!(d.find().await.unwrap(), None, "no instance");
+}
+
+#[tokio::test]
+async fn a_missing_permission_is_invalid_config_naming_the_credentials() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto);
+    proxy.fail("RunInstances", None, 403, "UnauthorizedOperation", "You are not authorized to perform this operation.");
+    let d = driver("1f0c5c4e-7a6b-4b8e-9d51-00000000000f", through(&proxy, &moto));
+
+    let error = d.create(&request()).await.unwrap_err();
+    assert_eq!(field_of(&error), "spec.credentialsSecretRef");
+    assert!(error.to_string().contains("UnauthorizedOperation"), "{error}");
+    assert!(error.is_retryable(), "fixed in the Secret or the IAM policy, not the spec: retried");
 }

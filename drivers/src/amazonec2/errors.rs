@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::operation::RequestId;
 
@@ -74,13 +75,17 @@ pub struct AwsError {
 }
 
 impl AwsError {
-    pub fn from_sdk<E, R>(action: &'static str, error: SdkError<E, R>) -> Self
+    pub fn from_sdk<E>(action: &'static str, error: SdkError<E, HttpResponse>) -> Self
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-        R: std::fmt::Debug + Send + Sync + 'static,
-        SdkError<E, R>: RequestId,
     {
-        let request_id = error.request_id().map(str::to_string);
+        // The SDK reads the id from the x-amzn-RequestId header; EC2's error body has it too.
+        let request_id = error.request_id().map(str::to_string).or_else(|| {
+            let body = error.raw_response()?.body().bytes()?;
+            let body = std::str::from_utf8(body).ok()?;
+            let (_, rest) = body.split_once("<RequestID>")?;
+            rest.split_once("</RequestID>").map(|(id, _)| id.trim().to_string())
+        });
         match &error {
             SdkError::ServiceError(service) => AwsError {
                 action,

@@ -123,3 +123,140 @@ fn moto_server() -> PathBuf {
         .find(|p| p.exists());
     on_path.unwrap_or_else(|| panic!("moto_server is missing: the amazonec2 tests need moto's EC2 emulator. {INSTALL}"))
 }
+
+/// A proxy in front of moto that answers chosen EC2 actions with an error of EC2's own
+/// wire format, for what moto never says (throttling, no capacity, a security group
+/// still in use). Everything else goes through to moto unchanged.
+pub struct FaultProxy {
+    address: SocketAddr,
+    state: std::sync::Arc<std::sync::Mutex<FaultState>>,
+}
+
+#[derive(Default)]
+struct FaultState {
+    faults: Vec<Fault>,
+    /// Every action that reached the proxy, in order.
+    seen: Vec<String>,
+}
+
+struct Fault {
+    action: String,
+    status: u16,
+    code: String,
+    message: String,
+    /// How many more requests it answers; `None`: all of them.
+    remaining: Option<u32>,
+}
+
+/// The request id the proxy's errors carry.
+pub const FAULT_REQUEST_ID: &str = "fault-proxy-request";
+
+impl FaultProxy {
+    /// A proxy for `moto`, on its own loopback port, until dropped with the test.
+    pub fn start(moto: &Moto) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
+        let address = listener.local_addr().expect("the bound address");
+        let state = std::sync::Arc::new(std::sync::Mutex::new(FaultState::default()));
+        let upstream = moto.address;
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let state = shared.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(stream, upstream, &state);
+                });
+            }
+        });
+        FaultProxy { address, state }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Answers the next `times` requests for `action` (all, when `None`) with HTTP
+    /// `status` and the EC2 error `code`.
+    pub fn fail(&self, action: &str, times: Option<u32>, status: u16, code: &str, message: &str) {
+        self.state.lock().unwrap().faults.push(Fault {
+            action: action.into(),
+            status,
+            code: code.into(),
+            message: message.into(),
+            remaining: times,
+        });
+    }
+
+    /// How many requests for `action` reached the proxy.
+    pub fn count(&self, action: &str) -> usize {
+        self.state.lock().unwrap().seen.iter().filter(|a| *a == action).count()
+    }
+}
+
+/// One request: read it, answer it with a fault or moto's answer, close.
+fn serve(mut client: TcpStream, upstream: SocketAddr, state: &std::sync::Mutex<FaultState>) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    client.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut request = Vec::new();
+    let mut buf = [0u8; 8192];
+    let head_end = loop {
+        let n = client.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        request.extend_from_slice(&buf[..n]);
+        if let Some(i) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&request[..head_end]).to_string();
+    let length = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>()))
+        .and_then(Result::ok)
+        .unwrap_or(0);
+    while request.len() < head_end + length {
+        let n = client.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let body = String::from_utf8_lossy(&request[head_end..]).to_string();
+    let action = body.split('&').find_map(|pair| pair.strip_prefix("Action=")).unwrap_or_default().to_string();
+    let fault = {
+        let mut state = state.lock().unwrap();
+        state.seen.push(action.clone());
+        let fault = state.faults.iter_mut().find(|f| f.action == action && f.remaining != Some(0));
+        fault.map(|f| {
+            if let Some(n) = f.remaining.as_mut() {
+                *n -= 1;
+            }
+            (f.status, f.code.clone(), f.message.clone())
+        })
+    };
+    if let Some((status, code, message)) = fault {
+        let xml = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code>\
+             <Message>{message}</Message></Error></Errors><RequestID>{FAULT_REQUEST_ID}</RequestID></Response>"
+        );
+        let response = format!(
+            "HTTP/1.1 {status} Fault\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}",
+            xml.len()
+        );
+        return client.write_all(response.as_bytes());
+    }
+    // To moto, with the connection closed after one answer (as moto's server does).
+    let mut server = TcpStream::connect(upstream)?;
+    let head = head.replacen("\r\n", "\r\nConnection: close\r\n", 1);
+    let head: String = head
+        .lines()
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection: keep"))
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    server.write_all(head.trim_end_matches("\r\n").as_bytes())?;
+    server.write_all(b"\r\n\r\n")?;
+    server.write_all(&request[head_end..])?;
+    let mut response = Vec::new();
+    server.read_to_end(&mut response)?;
+    client.write_all(&response)
+}
