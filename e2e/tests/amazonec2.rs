@@ -119,6 +119,13 @@ async fn amazonec2_machine_end_to_end() -> Result<()> {
     let unreachable = env.wait_condition("web", ConditionType::SSHReady, "False", None).await?;
     ensure_eq(condition(&unreachable, ConditionType::Ready).unwrap().status.as_str(), "False", "Ready")?;
 
+    // Admission keeps the instance's region and the driver kind.
+    let moved = env.patch("web", json!({ "spec": { "driver": { "amazonec2": { "region": "eu-west-1" } } } })).await;
+    let refused = moved.expect_err("the region cannot change").to_string();
+    assert!(refused.contains("region cannot change"), "{refused}");
+    let both = env.patch("web", json!({ "spec": { "driver": { "fake": {} } } })).await;
+    assert!(both.expect_err("one driver block").to_string().contains("exactly one driver block"));
+
     // Stop and start again, through EC2.
     env.patch("web", json!({ "spec": { "powerState": "Stopped" } })).await?;
     env.wait_condition("web", ConditionType::PowerStateSynced, "True", Some("Stopped")).await?;
