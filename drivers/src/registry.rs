@@ -22,12 +22,14 @@ pub struct DriverSpec {
     /// An existing host reached over SSH, as Docker Machine's `generic` driver: machinist
     /// installs the Machine's SSH key there and can reboot it, but cannot power it on or off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub generic: Option<GenericConfig>,
+    pub generic: Option<Box<GenericConfig>>,
     /// An Amazon EC2 instance, as Docker Machine's `amazonec2` driver: machinist imports
     /// the Machine's SSH key, opens SSH in a security group of its own and launches the
     /// instance; Remove terminates it and deletes what was created for it.
+    // Boxed, as is `generic`: every cached Machine holds a DriverSpec, and an unset
+    // block should cost a pointer, not the size of the config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub amazonec2: Option<Amazonec2Config>,
+    pub amazonec2: Option<Box<Amazonec2Config>>,
 }
 
 /// The one driver block a spec names.

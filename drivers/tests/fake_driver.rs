@@ -67,7 +67,7 @@ fn failing(rules: Vec<FailureRule>) -> FakeConfig {
 }
 
 fn with_latency(latency: FakeLatency) -> FakeConfig {
-    FakeConfig { latency_millis: Some(latency), ..FakeConfig::default() }
+    FakeConfig { latency_millis: Some(Box::new(latency)), ..FakeConfig::default() }
 }
 
 fn request() -> CreateRequest {

@@ -44,7 +44,7 @@ fn bootstrap(sshd: &TestSshd) -> Credentials {
 }
 
 fn driver_with(config: GenericConfig, uid: &str, credentials: Credentials) -> Arc<dyn Driver> {
-    let spec = DriverSpec { generic: Some(config), ..DriverSpec::default() };
+    let spec = DriverSpec { generic: Some(Box::new(config)), ..DriverSpec::default() };
     match Drivers::new("/nonexistent-fake-state").driver(&spec, machine(uid), credentials) {
         Ok(driver) => driver,
         Err(e) => panic!("generic driver: {e}"),
@@ -56,7 +56,7 @@ fn driver(sshd: &TestSshd) -> Arc<dyn Driver> {
 }
 
 fn refused(config: GenericConfig, credentials: Credentials) -> DriverError {
-    let spec = DriverSpec { generic: Some(config), ..DriverSpec::default() };
+    let spec = DriverSpec { generic: Some(Box::new(config)), ..DriverSpec::default() };
     match Drivers::new("/nonexistent-fake-state").driver(&spec, machine(UID), credentials) {
         Ok(_) => panic!("expected the driver to be refused"),
         Err(e) => e,
@@ -461,7 +461,7 @@ fn the_config_is_checked_and_names_the_field() {
     assert_eq!(defaults.restart_timeout(), Duration::from_secs(300));
 
     // Two driver blocks at once are refused.
-    let both = DriverSpec { fake: Some(Default::default()), generic: Some(base), ..Default::default() };
+    let both = DriverSpec { fake: Some(Default::default()), generic: Some(Box::new(base)), ..Default::default() };
     assert!(matches!(both.config(), Err(DriverError::InvalidConfig { .. })));
 }
 

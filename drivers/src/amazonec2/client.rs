@@ -30,7 +30,8 @@ const OPERATION_TIMEOUT: Duration = Duration::from_secs(90);
 /// What every amazonec2 driver shares. Cheap to clone.
 #[derive(Clone)]
 pub struct Ec2Connector {
-    http: SharedHttpClient,
+    /// Built on first use: a controller without amazonec2 Machines never pays for it.
+    http: Arc<std::sync::OnceLock<SharedHttpClient>>,
     /// The default credential chain per region, loaded on first use.
     default_configs: Arc<Mutex<HashMap<String, Arc<OnceCell<SdkConfig>>>>>,
 }
@@ -103,10 +104,16 @@ impl CredentialSource {
 
 impl Ec2Connector {
     pub fn new() -> Self {
-        // rustls on ring, as kube and russh use: one TLS stack in the binary.
-        let http =
-            aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https();
-        Ec2Connector { http, default_configs: Arc::default() }
+        Ec2Connector { http: Arc::default(), default_configs: Arc::default() }
+    }
+
+    fn http(&self) -> SharedHttpClient {
+        self.http
+            .get_or_init(|| {
+                // rustls on ring, as kube and russh use: one TLS stack in the binary.
+                aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https()
+            })
+            .clone()
     }
 
     /// An EC2 client for one region, endpoint and credential source.
@@ -122,7 +129,7 @@ impl Ec2Connector {
                 aws_sdk_ec2::config::Builder::new()
                     .behavior_version(BehaviorVersion::latest())
                     .region(Region::new(region.to_string()))
-                    .http_client(self.http.clone())
+                    .http_client(self.http())
                     .credentials_provider(AwsCredentials::new(
                         access_key_id,
                         secret_access_key,
@@ -155,7 +162,7 @@ impl Ec2Connector {
         cell.get_or_init(|| async {
             aws_config::defaults(BehaviorVersion::latest())
                 .region(Region::new(region.to_string()))
-                .http_client(self.http.clone())
+                .http_client(self.http())
                 .load()
                 .await
         })

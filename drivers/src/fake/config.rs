@@ -18,8 +18,10 @@ pub struct FakeConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_type: Option<String>,
     /// How long each operation takes, in milliseconds (0 when unset).
+    // The optional blocks are boxed: every cached Machine holds its spec, and an unset
+    // block should cost a pointer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latency_millis: Option<FakeLatency>,
+    pub latency_millis: Option<Box<FakeLatency>>,
     /// Failures to inject, checked in order before each call.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
@@ -33,7 +35,7 @@ pub struct FakeConfig {
     /// there. The fake driver installs no key: authorize the Machine's public key (its
     /// Secret's `ssh-publickey`) on that endpoint yourself, as cloud-init would.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ssh_endpoint: Option<FakeSshEndpoint>,
+    pub ssh_endpoint: Option<Box<FakeSshEndpoint>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
