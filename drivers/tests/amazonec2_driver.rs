@@ -9,7 +9,9 @@ use machinist_drivers::amazonec2::{
     THROTTLED_RETRY_AFTER, UID_TAG,
 };
 use machinist_drivers::{AddressType, CreateRequest, Credentials, Driver, DriverError, MachineRef, Operation, State};
-use machinist_test_moto::{ACCESS_KEY_ID, AMI, FAULT_REQUEST_ID, FaultProxy, Moto, REGION, SECRET_ACCESS_KEY};
+use machinist_test_moto::{
+    AMI, FAULT_REQUEST_ID, FaultProxy, Moto, REGION, SECRET_ACCESS_KEY, credentials_secret_data,
+};
 
 const PUBLIC_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHQ3wV3kbLhmRA1tBq2+dQXz2w0t1k6b1a1hZlJpCw7e machinist";
 
@@ -18,12 +20,7 @@ fn machine(uid: &str) -> MachineRef {
 }
 
 fn credentials() -> Credentials {
-    Credentials(
-        [("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID), ("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-            .collect(),
-    )
+    Credentials(credentials_secret_data())
 }
 
 fn config(moto: &Moto) -> Amazonec2Config {

@@ -18,7 +18,7 @@ use machinist::api::{ConditionType, Machine};
 use machinist_drivers::amazonec2::{CredentialSource, Ec2Connector, UID_TAG};
 use machinist_drivers::{CreateRequest, Credentials, Drivers, MachineRef, State};
 use machinist_e2e::{Env, condition, ensure_eq};
-use machinist_test_moto::{ACCESS_KEY_ID, AMI, Moto, REGION, SECRET_ACCESS_KEY};
+use machinist_test_moto::{AMI, Moto, REGION, SECRET_ACCESS_KEY, credentials_secret_data};
 use serde_json::json;
 
 fn ec2_machine(name: &str, moto: &Moto) -> String {
@@ -29,10 +29,7 @@ fn ec2_machine(name: &str, moto: &Moto) -> String {
 }
 
 fn credentials() -> BTreeMap<String, Vec<u8>> {
-    BTreeMap::from([
-        ("AWS_ACCESS_KEY_ID".to_string(), ACCESS_KEY_ID.as_bytes().to_vec()),
-        ("AWS_SECRET_ACCESS_KEY".to_string(), SECRET_ACCESS_KEY.as_bytes().to_vec()),
-    ])
+    credentials_secret_data()
 }
 
 async fn aws_secret(env: &Env) -> Result<()> {

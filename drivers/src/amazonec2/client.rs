@@ -13,7 +13,7 @@ use aws_sdk_ec2::config::{Credentials as AwsCredentials, IdentityCache, Region, 
 use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 use tokio::sync::OnceCell;
 
-use crate::{Credentials, DriverError};
+use crate::{CREDENTIALS_FIELD, Credentials, DriverError};
 
 /// The `credentialsSecretRef` keys, named as AWS's environment variables.
 pub const ACCESS_KEY_ID_KEY: &str = "AWS_ACCESS_KEY_ID";
@@ -71,16 +71,14 @@ impl CredentialSource {
                 None => Ok(None),
                 Some(bytes) => String::from_utf8(bytes.clone())
                     .map(|s| Some(s.trim().to_string()).filter(|s| !s.is_empty()))
-                    .map_err(|_| {
-                        DriverError::invalid_config("spec.credentialsSecretRef", format!("{key} is not text"))
-                    }),
+                    .map_err(|_| DriverError::invalid_config(CREDENTIALS_FIELD, format!("{key} is not text"))),
             }
         };
         let (Some(access_key_id), Some(secret_access_key)) = (text(ACCESS_KEY_ID_KEY)?, text(SECRET_ACCESS_KEY_KEY)?)
         else {
             let keys: Vec<&str> = map.keys().map(String::as_str).collect();
             return Err(DriverError::invalid_config(
-                "spec.credentialsSecretRef",
+                CREDENTIALS_FIELD,
                 format!(
                     "the Secret needs {ACCESS_KEY_ID_KEY} and {SECRET_ACCESS_KEY_KEY} (and optionally \
                      {SESSION_TOKEN_KEY}); it has: {}",

@@ -7,7 +7,7 @@ use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::operation::RequestId;
 
-use crate::DriverError;
+use crate::{CREDENTIALS_FIELD, DriverError};
 
 /// How long to wait after EC2 throttled us (after the SDK's own retries); EC2 sends no
 /// Retry-After.
@@ -111,7 +111,7 @@ impl AwsError {
     /// Whether EC2 says the thing asked about does not exist.
     pub fn is_not_found(&self) -> bool {
         let code = self.code();
-        code.ends_with(".NotFound") || code.ends_with(".Malformed") && code.starts_with("InvalidInstanceID")
+        code.ends_with(".NotFound") || (code.ends_with(".Malformed") && code.starts_with("InvalidInstanceID"))
     }
 
     /// `EC2 RunInstances: InvalidAMIID.NotFound: The image id ... (request id 1a2b...)`.
@@ -154,7 +154,7 @@ impl AwsError {
         }
         if UNAUTHORIZED.contains(&code) {
             return DriverError::invalid_config(
-                "spec.credentialsSecretRef",
+                CREDENTIALS_FIELD,
                 format!("{text}; the {credentials} are not allowed to do this: fix them or their IAM policy"),
             );
         }

@@ -22,8 +22,8 @@ pub use config::{
 
 use crate::ssh::{self, CommandOutput, SecretString, SshAuth, SshError, SshPrivateKey, SshSession, SshTarget};
 use crate::{
-    Address, AddressType, CreateRequest, Credentials, Driver, DriverError, Instance, MachineRef, Operation,
-    SshEndpoint, State,
+    Address, AddressType, CREDENTIALS_FIELD, CreateRequest, Credentials, Driver, DriverError, Instance, MachineRef,
+    Operation, SshEndpoint, State,
 };
 
 /// The `credentialsSecretRef` key holding the bootstrap private key (as in a
@@ -32,7 +32,6 @@ pub const PRIVATE_KEY_KEY: &str = "ssh-privatekey";
 /// The `credentialsSecretRef` key holding the bootstrap password.
 pub const PASSWORD_KEY: &str = "password";
 
-const CREDENTIALS_FIELD: &str = "spec.credentialsSecretRef";
 const HOST_KEY_FIELD: &str = "spec.driver.generic.hostKeyFingerprint";
 
 /// Connecting (and again logging in) for Create, Remove, find and Restart.

@@ -23,6 +23,15 @@ pub const REGION: &str = "us-east-1";
 pub const ACCESS_KEY_ID: &str = "AKIDMACHINISTTEST";
 pub const SECRET_ACCESS_KEY: &str = "machinist-test-secret";
 
+/// The contents of a credentials Secret with the test access keys, as the controller
+/// reads it (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`).
+pub fn credentials_secret_data() -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::collections::BTreeMap::from([
+        ("AWS_ACCESS_KEY_ID".to_string(), ACCESS_KEY_ID.as_bytes().to_vec()),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), SECRET_ACCESS_KEY.as_bytes().to_vec()),
+    ])
+}
+
 const INSTALL: &str = "scripts/test.sh installs it into .venv; or: python3 -m venv .venv && \
                        .venv/bin/pip install -r e2e/test-moto/requirements.txt";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
