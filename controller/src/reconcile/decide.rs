@@ -6,8 +6,9 @@ use machinist_drivers::{DriverError, Operation, State};
 
 use super::backoff::jittered;
 use super::summary::{
-    OBSERVATION_FAILED, condition_is, condition_reason, conditions, duration_between, error_reason, held_back,
-    last_operation, record_failure, record_failure_parts, script_sha256, ssh_conditions, ssh_ready, summarize_ready,
+    condition_is, condition_reason, conditions, duration_between, error_reason, held_back, last_operation,
+    observation_retry_pending, record_failure, record_failure_parts, script_sha256, ssh_conditions, ssh_ready,
+    summarize_ready,
 };
 use super::{Cause, Input, Note, Observed, Outcome, Plan, Planned, Step};
 use kube::ResourceExt;
@@ -77,14 +78,7 @@ pub fn plan(input: &Input<'_>) -> Plan {
             Plan { status, step: None, requeue: None, notes }
         }
         Observed::Failed(error) => {
-            // Woken again before the retry is due (by the watch event of this very
-            // failure's status write, say): the same failure is not recorded again, since
-            // the write would wake this again at once, in a loop.
-            let same = before
-                .failures
-                .as_ref()
-                .is_some_and(|f| f.reason == error_reason(&error) && f.message.starts_with(OBSERVATION_FAILED));
-            if same && let Some(Some(wait)) = held_back(&before, machine, input.now) {
+            if let Some(wait) = observation_retry_pending(&before, machine, input.now, &error) {
                 return Plan { status: before.clone(), step: None, requeue: Some(wait), notes };
             }
             let (delay, note) = record_failure(c.status, input, Operation::Status, &error);

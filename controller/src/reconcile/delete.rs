@@ -1,6 +1,8 @@
 //! The decision for a Machine being deleted.
 
-use super::summary::{condition_is, conditions, error_reason, held_back, last_operation, record_failure};
+use super::summary::{
+    condition_is, conditions, error_reason, held_back, last_operation, observation_retry_pending, record_failure,
+};
 use super::{CleanupNext, CleanupPlan, Input, Note, Observed, Outcome};
 use crate::api::{ConditionType, DeletionPolicy, OperationResult, Phase};
 use machinist_drivers::{Operation, State};
@@ -63,10 +65,8 @@ pub fn plan_cleanup(input: &Input<'_>) -> CleanupPlan {
             return CleanupPlan { status, next: CleanupNext::Wait(None), notes };
         }
         (Observed::Failed(error), None) => {
-            // Not yet due: keep the recorded failure as it is (a new record would be a
-            // write, whose watch event would wake this again at once).
-            if let Some(wait) = held_back(&before, machine, input.now) {
-                return CleanupPlan { status: before.clone(), next: CleanupNext::Wait(wait), notes };
+            if let Some(wait) = observation_retry_pending(&before, machine, input.now, error) {
+                return CleanupPlan { status: before.clone(), next: CleanupNext::Wait(Some(wait)), notes };
             }
             let (delay, note) = record_failure(&mut status, input, Operation::Status, error);
             notes.push(note);

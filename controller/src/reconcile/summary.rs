@@ -61,6 +61,25 @@ pub(super) fn held_back(before: &MachineStatus, machine: &Machine, now: Timestam
     }
 }
 
+/// How long until the retry of a failed observation, when this same failure is already
+/// recorded and not yet due. Recording it again would be a status write whose watch
+/// event wakes the Machine again at once: a loop.
+pub(super) fn observation_retry_pending(
+    before: &MachineStatus,
+    machine: &Machine,
+    now: Timestamp,
+    error: &DriverError,
+) -> Option<Duration> {
+    let same = before
+        .failures
+        .as_ref()
+        .is_some_and(|f| f.reason == error_reason(error) && f.message.starts_with(OBSERVATION_FAILED));
+    match held_back(before, machine, now) {
+        Some(Some(wait)) if same => Some(wait),
+        _ => None,
+    }
+}
+
 pub(super) fn duration_between(from: Timestamp, to: Timestamp) -> Duration {
     Duration::try_from(to.duration_since(from)).unwrap_or(Duration::ZERO)
 }
