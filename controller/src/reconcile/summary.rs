@@ -101,7 +101,7 @@ pub(super) fn last_operation(
 }
 
 /// How the message of a failed observation (driver Status) starts.
-pub(super) const OBSERVATION_FAILED: &str = "reading the instance failed";
+const OBSERVATION_FAILED: &str = "reading the instance failed";
 
 /// Records a failed driver call: counts it, schedules the retry (none for errors that
 /// need a spec change), and words the Event. A failed observation (`Status`) leaves

@@ -343,8 +343,7 @@ impl Ec2Driver {
     /// Deletes the tagged security groups, waiting while EC2 still sees them in use.
     async fn delete_security_groups(&self) -> Result<(), DriverError> {
         for (id, name) in self.tagged_security_groups().await? {
-            let deadline = Instant::now() + DEPENDENCY_WAIT;
-            let mut delay = POLL_FIRST;
+            let mut poll = Poll::within(DEPENDENCY_WAIT);
             loop {
                 match self.ec2().await.delete_security_group().group_id(&id).send().await {
                     Ok(_) => {
@@ -359,7 +358,7 @@ impl Ec2Driver {
                         if !error.is("DependencyViolation") {
                             return Err(self.error(error));
                         }
-                        if Instant::now() + delay > deadline {
+                        if !poll.next().await {
                             return Err(DriverError::transient(format!(
                                 "{}; the security group {id} is still in use {}s after its instance ended; Remove \
                                  will try again",
@@ -369,8 +368,6 @@ impl Ec2Driver {
                         }
                     }
                 }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(POLL_MAX);
             }
         }
         Ok(())
@@ -405,23 +402,21 @@ impl Ec2Driver {
 
     /// Waits until the instance is terminated (or unknown to EC2).
     async fn wait_terminated(&self, id: &str) -> Result<(), DriverError> {
-        let deadline = Instant::now() + TERMINATE_WAIT;
-        let mut delay = POLL_FIRST;
+        let mut poll = Poll::within(TERMINATE_WAIT);
         loop {
             let state = self.describe(id).await?.and_then(|i| i.state().and_then(|s| s.name().cloned()));
             match state {
                 None | Some(InstanceStateName::Terminated) => return Ok(()),
-                Some(state) if Instant::now() + delay > deadline => {
-                    return Err(DriverError::transient(format!(
-                        "instance {id} is still {} {}s after TerminateInstances; Remove will check again",
-                        state.as_str(),
-                        TERMINATE_WAIT.as_secs()
-                    )));
+                Some(state) => {
+                    if !poll.next().await {
+                        return Err(DriverError::transient(format!(
+                            "instance {id} is still {} {}s after TerminateInstances; Remove will check again",
+                            state.as_str(),
+                            TERMINATE_WAIT.as_secs()
+                        )));
+                    }
                 }
-                Some(_) => {}
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(POLL_MAX);
         }
     }
 
@@ -523,6 +518,28 @@ impl Ec2Driver {
             }
             None => Err(DriverError::transient("EC2 RunInstances answered without an instance id")),
         }
+    }
+}
+
+/// Polling with doubling delays, from `POLL_FIRST` up to `POLL_MAX`, until a deadline.
+struct Poll {
+    deadline: Instant,
+    delay: Duration,
+}
+
+impl Poll {
+    fn within(limit: Duration) -> Self {
+        Poll { deadline: Instant::now() + limit, delay: POLL_FIRST }
+    }
+
+    /// Waits before the next attempt; `false` at once when it would come after the deadline.
+    async fn next(&mut self) -> bool {
+        if Instant::now() + self.delay > self.deadline {
+            return false;
+        }
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(POLL_MAX);
+        true
     }
 }
 
