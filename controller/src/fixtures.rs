@@ -140,6 +140,20 @@ impl Machine {
         self
     }
 
+    /// Sets the `machinist.dev/accept-host-key` annotation.
+    pub fn accepting_host_key(mut self, fingerprint: &str) -> Self {
+        self.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(crate::api::ACCEPT_HOST_KEY_ANNOTATION.to_string(), fingerprint.to_string());
+        self
+    }
+
+    /// Pins `fingerprint` as the host key (`status.ssh.hostKeyFingerprint`).
+    pub fn with_pinned_host_key(self, fingerprint: &str) -> Self {
+        self.with_status(|s| s.ssh.get_or_insert_default().host_key_fingerprint = Some(fingerprint.to_string()))
+    }
+
     /// Marks the Machine deleted (a deletion timestamp; the finalizer is machinist's).
     pub fn deleting(mut self) -> Self {
         self.metadata.deletion_timestamp = Some(Time(now()));
@@ -165,7 +179,16 @@ pub fn input(machine: &Machine, observed: Observed) -> Input<'_> {
 
 /// As [`input`], at another time.
 pub fn input_at(machine: &Machine, observed: Observed, now: Timestamp) -> Input<'_> {
-    Input { machine, observed, offers_ssh: false, ssh_key_secret: None, now, jitter: JITTER, settings: &SETTINGS }
+    Input {
+        machine,
+        observed,
+        offers_ssh: false,
+        ssh_key_secret: None,
+        first_contact_host_key: None,
+        now,
+        jitter: JITTER,
+        settings: &SETTINGS,
+    }
 }
 
 /// The instance [`PROVIDER_ID`] in `state`, addresses not looked up.

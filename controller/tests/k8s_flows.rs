@@ -104,7 +104,7 @@ impl MachineFixture for Machine {
 }
 
 fn machine_ref() -> MachineRef {
-    MachineRef { uid: UID.into(), name: NAME.into(), namespace: NS.into() }
+    MachineRef { uid: UID.into(), name: NAME.into(), namespace: NS.into(), ..Default::default() }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -108,11 +108,16 @@ impl fmt::Display for Operation {
 
 /// Which Machine a driver works for. Instances are tagged with `uid` so that a
 /// Machine's instance can be found again (adoption) whatever happened to the controller.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MachineRef {
     pub uid: String,
     pub name: String,
     pub namespace: String,
+    /// The SSH host keys (`SHA256:...` fingerprints) the Machine's host is trusted to
+    /// present: the pinned one, and one the user accepted. Empty before the first contact.
+    /// A driver that logs in to the host itself disconnects from a host presenting any
+    /// other key before it authenticates: no credential is offered, no command runs.
+    pub trusted_host_keys: Vec<String>,
 }
 
 /// Provider credentials resolved by the controller from `credentialsSecretRef`, read
@@ -135,6 +140,26 @@ pub struct CreateRequest {
     /// The port the controller will reach SSH on (`spec.ssh.port`), for drivers that open
     /// it in a firewall; `None` for the driver's default.
     pub ssh_port: Option<u16>,
+}
+
+/// What a driver knows of an instance's SSH host keys from a source other than the SSH
+/// connection itself (a cloud console), so that the first contact is verified instead of
+/// trusted ([`Driver::host_keys`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostKeys {
+    /// The driver has no such source: the first SSH contact is trusted and pinned.
+    NotOffered,
+    /// The source has not shown them yet (a booting instance's console); ask again
+    /// later. Says what is awaited, for the SSHReady message.
+    Pending(String),
+    /// The source will not show them (an image without cloud-init, a console that stayed
+    /// silent past the driver's bounded wait): the first contact is trusted, and this says
+    /// why, for the SSHReady message.
+    Unavailable(String),
+    /// The fingerprints (`SHA256:...`, as `ssh-keygen -lf` prints them) of the host's
+    /// keys; the host must present one of them. `source` names where they come from
+    /// (e.g. "the console output of i-0abc").
+    Known { fingerprints: Vec<String>, source: String },
 }
 
 /// An instance found by [`Driver::find`].
@@ -214,4 +239,17 @@ pub trait Driver: Send + Sync {
 
     /// Where the instance answers SSH, for drivers that offer it.
     async fn ssh_endpoint(&self, id: &str) -> Result<Option<SshEndpoint>, DriverError>;
+
+    /// The instance's SSH host keys as a source other than SSH shows them, asked before
+    /// the first SSH contact so that it is verified, not trusted.
+    async fn host_keys(&self, _id: &str) -> Result<HostKeys, DriverError> {
+        Ok(HostKeys::NotOffered)
+    }
+
+    /// The host key this driver's own SSH logins trusted at first contact in this
+    /// driver's lifetime (the generic driver's bootstrap login at Create), for the
+    /// controller to pin. `None` when it made no such login, or the key was already pinned.
+    fn first_contact_host_key(&self) -> Option<String> {
+        None
+    }
 }

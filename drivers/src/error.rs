@@ -25,6 +25,10 @@ pub enum DriverError {
     /// The instance (or something it needs) does not exist.
     #[error("not found: {message}")]
     NotFound { message: String },
+    /// The host presented an SSH host key that is not the trusted one; the driver
+    /// disconnected before authenticating. Not retried: someone must accept the key.
+    #[error("the SSH host key of {target} changed: it presents {presented}, trusted is {}; machinist disconnected before logging in", .trusted.join(" or "))]
+    HostKeyMismatch { target: String, trusted: Vec<String>, presented: String },
 }
 
 impl DriverError {
@@ -44,6 +48,7 @@ impl DriverError {
             DriverError::InvalidConfig { .. } => "InvalidConfig",
             DriverError::NotSupported { .. } => "NotSupported",
             DriverError::NotFound { .. } => "NotFound",
+            DriverError::HostKeyMismatch { .. } => "HostKeyMismatch",
         }
     }
 
@@ -54,7 +59,7 @@ impl DriverError {
             // Credentials live in a Secret, outside the spec: fixing or rotating them
             // changes no generation, so they are tried again (with backoff).
             DriverError::InvalidConfig { field, .. } => field == CREDENTIALS_FIELD,
-            DriverError::NotSupported { .. } => false,
+            DriverError::NotSupported { .. } | DriverError::HostKeyMismatch { .. } => false,
         }
     }
 

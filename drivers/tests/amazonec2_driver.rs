@@ -16,7 +16,7 @@ use machinist_test_moto::{
 const PUBLIC_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHQ3wV3kbLhmRA1tBq2+dQXz2w0t1k6b1a1hZlJpCw7e machinist";
 
 fn machine(uid: &str) -> MachineRef {
-    MachineRef { uid: uid.into(), name: "web-1".into(), namespace: "team-a".into() }
+    MachineRef { uid: uid.into(), name: "web-1".into(), namespace: "team-a".into(), ..Default::default() }
 }
 
 fn credentials() -> Credentials {

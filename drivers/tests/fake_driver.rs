@@ -21,7 +21,12 @@ use tempfile::TempDir;
 const IN_FLIGHT: u32 = 800;
 
 fn machine(uid: &str) -> MachineRef {
-    MachineRef { uid: uid.to_string(), name: format!("machine-{uid}"), namespace: "default".to_string() }
+    MachineRef {
+        uid: uid.to_string(),
+        name: format!("machine-{uid}"),
+        namespace: "default".to_string(),
+        ..Default::default()
+    }
 }
 
 fn spec(config: FakeConfig) -> DriverSpec {

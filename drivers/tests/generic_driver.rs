@@ -22,8 +22,25 @@ async fn bounded<T>(test: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(25), test).await.expect("the test did not finish within 25s")
 }
 
+fn pinned_machine(uid: &str, trusted: &[String]) -> MachineRef {
+    MachineRef { trusted_host_keys: trusted.to_vec(), ..machine(uid) }
+}
+
+fn pinned_driver(config: GenericConfig, trusted: &[String], credentials: Credentials) -> Arc<dyn Driver> {
+    let spec = DriverSpec { generic: Some(Box::new(config)), ..DriverSpec::default() };
+    match Drivers::new("/nonexistent-fake-state").driver(&spec, pinned_machine(UID, trusted), credentials) {
+        Ok(driver) => driver,
+        Err(e) => panic!("generic driver: {e}"),
+    }
+}
+
 fn machine(uid: &str) -> MachineRef {
-    MachineRef { uid: uid.to_string(), name: "host-1".to_string(), namespace: "default".to_string() }
+    MachineRef {
+        uid: uid.to_string(),
+        name: "host-1".to_string(),
+        namespace: "default".to_string(),
+        ..Default::default()
+    }
 }
 
 fn config(sshd: &TestSshd) -> GenericConfig {
@@ -84,7 +101,7 @@ fn mode(path: &std::path::Path) -> u32 {
 async fn machine_key_logs_in(sshd: &TestSshd, private_openssh: &str) -> Result<String, SshError> {
     let auth = SshAuth::key(SshPrivateKey::from_openssh(private_openssh).unwrap());
     let target = SshTarget::new(sshd.host(), sshd.port(), sshd.user.clone());
-    ssh::check_ready_within(&target, &auth, None, Duration::from_secs(5)).await
+    ssh::check_ready_within(&target, &auth, &[], Duration::from_secs(5)).await
 }
 
 #[tokio::test]
@@ -476,10 +493,10 @@ async fn a_pinned_host_key_that_does_not_match_stops_everything_before_login() {
         bounded(driver_with(wrong, UID, bootstrap(&sshd)).create(&request(&generate_ed25519("").public_openssh)))
             .await
             .expect_err("host key mismatch");
-    let DriverError::InvalidConfig { field, message } = &error else { panic!("{error:?}") };
-    assert_eq!(field, "spec.driver.generic.hostKeyFingerprint");
-    assert!(message.contains(&sshd.host_key_fingerprint()), "{message}");
+    let DriverError::HostKeyMismatch { presented, .. } = &error else { panic!("{error:?}") };
+    assert_eq!(presented, &sshd.host_key_fingerprint());
     assert_eq!(sshd.accepted_logins(), 0);
+    assert_eq!(sshd.auth_attempts(), 0, "no credential offered: {}", sshd.log());
     assert!(!sshd.authorized_keys_path().exists());
 
     let right = GenericConfig { host_key_fingerprint: Some(sshd.host_key_fingerprint()), ..config(&sshd) };
@@ -509,4 +526,73 @@ async fn create_needs_the_machines_public_key_and_a_reachable_host() {
     assert!(matches!(&error, DriverError::Transient { message, .. } if message.contains("refused")), "{error:?}");
     let error = bounded(unreachable.find()).await.expect_err("closed");
     assert!(error.is_retryable(), "{error:?}");
+}
+
+#[tokio::test]
+async fn the_pinned_host_key_guards_every_bootstrap_login() {
+    let mut sshd = TestSshd::start();
+    let marker = sshd.dir().join("rebooted");
+    let rebooting = GenericConfig {
+        reboot_command: Some(format!("touch {}", marker.display())),
+        restart_timeout_seconds: Some(5),
+        ..config(&sshd)
+    };
+    let pin = sshd.host_key_fingerprint();
+    let key = generate_ed25519("machinist:default/host-1");
+    let id = bounded(
+        pinned_driver(rebooting.clone(), std::slice::from_ref(&pin), bootstrap(&sshd))
+            .create(&request(&key.public_openssh)),
+    )
+    .await
+    .expect("the pinned host");
+
+    // The host's key changes: someone else answers on its address.
+    let new_key = sshd.new_host_key();
+    sshd.set_host_key(&new_key);
+    let presented = sshd.host_key_fingerprint();
+    let (logins, attempts) = (sshd.accepted_logins(), sshd.auth_attempts());
+    let driver = pinned_driver(rebooting, std::slice::from_ref(&pin), bootstrap(&sshd));
+    let mismatch = |error: DriverError| match error {
+        DriverError::HostKeyMismatch { trusted, presented: seen, .. } => {
+            assert_eq!((trusted, seen), (vec![pin.clone()], presented.clone()));
+        }
+        other => panic!("expected HostKeyMismatch, got {other:?}"),
+    };
+    bounded(async {
+        mismatch(driver.status(&id).await.expect_err("never Running"));
+        mismatch(driver.find().await.expect_err("find"));
+        mismatch(driver.create(&request(&key.public_openssh)).await.expect_err("create"));
+        mismatch(driver.restart(&id).await.expect_err("restart"));
+        mismatch(driver.remove(&id).await.expect_err("remove"));
+    })
+    .await;
+    assert!(!marker.exists(), "the reboot command ran on an unverified host");
+    assert_eq!(sshd.accepted_logins(), logins, "{}", sshd.log());
+    assert_eq!(sshd.auth_attempts(), attempts, "an authentication was attempted: {}", sshd.log());
+    assert_eq!(tagged(&sshd, UID).len(), 1, "the key line stays until the host is verified");
+
+    // The user accepts the new key: it is trusted besides the pin, and Remove goes through.
+    let accepted = pinned_driver(
+        GenericConfig { restart_timeout_seconds: Some(5), ..config(&sshd) },
+        &[pin.clone(), presented.clone()],
+        bootstrap(&sshd),
+    );
+    assert_eq!(bounded(accepted.status(&id)).await.unwrap(), State::Running);
+    bounded(accepted.remove(&id)).await.expect("remove on the accepted key");
+    assert!(tagged(&sshd, UID).is_empty());
+    assert_eq!(accepted.first_contact_host_key(), None, "nothing to pin: a key was trusted");
+}
+
+#[tokio::test]
+async fn the_first_contact_is_remembered_and_reported_for_pinning() {
+    let sshd = TestSshd::start();
+    let driver = driver(&sshd);
+    assert_eq!(driver.first_contact_host_key(), None, "no contact yet");
+    let key = generate_ed25519("machinist:default/host-1");
+    bounded(async {
+        assert_eq!(driver.find().await.expect("find"), None);
+        driver.create(&request(&key.public_openssh)).await.expect("create");
+    })
+    .await;
+    assert_eq!(driver.first_contact_host_key(), Some(sshd.host_key_fingerprint()));
 }

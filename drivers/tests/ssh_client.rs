@@ -116,13 +116,15 @@ fn keys_that_cannot_be_used_are_refused_with_a_reason() {
 async fn check_ready_logs_in_and_reports_the_host_key() {
     let sshd = TestSshd::start();
     bounded(async {
-        let fingerprint = ssh::check_ready(&target(&sshd), &bootstrap(&sshd), None).await.expect("ready");
+        let fingerprint = ssh::check_ready(&target(&sshd), &bootstrap(&sshd), &[]).await.expect("ready");
         assert_eq!(fingerprint, sshd.host_key_fingerprint(), "the fingerprint is as ssh-keygen -lf prints it");
         // Pinned to the right key: fine.
-        let again = ssh::check_ready(&target(&sshd), &bootstrap(&sshd), Some(&fingerprint)).await.expect("pinned");
+        let again = ssh::check_ready(&target(&sshd), &bootstrap(&sshd), std::slice::from_ref(&fingerprint))
+            .await
+            .expect("pinned");
         assert_eq!(again, fingerprint);
         // An empty pin is no pin.
-        ssh::check_ready(&target(&sshd), &bootstrap(&sshd), Some("")).await.expect("empty pin");
+        ssh::check_ready(&target(&sshd), &bootstrap(&sshd), &[String::new()]).await.expect("empty pin");
         assert_eq!(sshd.accepted_logins(), 3);
     })
     .await;
@@ -133,12 +135,12 @@ async fn a_closed_port_is_connection_refused() {
     bounded(async {
         let target = SshTarget::new("127.0.0.1", free_port(), "root");
         let auth = SshAuth::key(SshPrivateKey::from_openssh(generate_ed25519("").private_openssh.expose()).unwrap());
-        let error = ssh::connect(&target, &auth, None, STEP).await.expect_err("nothing listens");
+        let error = ssh::connect(&target, &auth, &[], STEP).await.expect_err("nothing listens");
         assert!(matches!(error, SshError::ConnectionRefused { .. }), "{error:?}");
         assert_eq!(error.reason(), "ConnectionRefused");
         assert!(error.is_retryable());
         assert!(error.to_string().contains("refused"), "{error}");
-        let mapped = error.to_driver_error("spec.credentialsSecretRef", "status.ssh.hostKeyFingerprint");
+        let mapped = error.to_driver_error("spec.credentialsSecretRef");
         assert!(matches!(mapped, DriverError::Transient { .. }), "{mapped:?}");
     })
     .await;
@@ -152,14 +154,14 @@ async fn a_server_that_never_speaks_is_a_timeout() {
         let target = SshTarget::new("127.0.0.1", port, "root");
         let auth = SshAuth::password("x");
         let error =
-            ssh::connect(&target, &auth, None, Duration::from_millis(700)).await.expect_err("the server is silent");
+            ssh::connect(&target, &auth, &[], Duration::from_millis(700)).await.expect_err("the server is silent");
         assert!(
             matches!(error, SshError::Timeout { stage: SshStage::Connect, after, .. } if after == Duration::from_millis(700)),
             "{error:?}"
         );
         assert_eq!(error.reason(), "Timeout");
         assert!(error.to_string().contains("booting"), "{error}");
-        assert!(matches!(error.to_driver_error("c", "p"), DriverError::Transient { .. }));
+        assert!(matches!(error.to_driver_error("c"), DriverError::Transient { .. }));
     })
     .await;
 }
@@ -168,7 +170,7 @@ async fn a_server_that_never_speaks_is_a_timeout() {
 async fn a_name_that_does_not_resolve_is_unreachable() {
     bounded(async {
         let target = SshTarget::new("no-such-host.invalid", 22, "root");
-        let error = ssh::connect(&target, &SshAuth::password("x"), None, STEP).await.expect_err("no such host");
+        let error = ssh::connect(&target, &SshAuth::password("x"), &[], STEP).await.expect_err("no such host");
         assert!(matches!(error, SshError::Unreachable { .. }), "{error:?}");
         assert!(error.to_string().contains("resolve"), "{error}");
     })
@@ -180,7 +182,7 @@ async fn a_wrong_key_or_password_is_auth_failed() {
     let sshd = TestSshd::start();
     bounded(async {
         let stranger = SshPrivateKey::from_openssh(generate_ed25519("").private_openssh.expose()).unwrap();
-        let error = ssh::connect(&target(&sshd), &SshAuth::key(stranger.clone()), None, STEP)
+        let error = ssh::connect(&target(&sshd), &SshAuth::key(stranger.clone()), &[], STEP)
             .await
             .expect_err("the key is not authorized");
         let SshError::AuthFailed { user, method, accepted, .. } = &error else { panic!("{error:?}") };
@@ -189,12 +191,12 @@ async fn a_wrong_key_or_password_is_auth_failed() {
         assert!(accepted.contains("publickey"), "{accepted}");
         assert_eq!(error.reason(), "AuthFailed");
         assert!(!error.is_retryable());
-        let mapped = error.to_driver_error("spec.credentialsSecretRef", "status.ssh.hostKeyFingerprint");
+        let mapped = error.to_driver_error("spec.credentialsSecretRef");
         let DriverError::InvalidConfig { field, message } = &mapped else { panic!("{mapped:?}") };
         assert_eq!(field, "spec.credentialsSecretRef");
         assert!(message.contains("rejected"), "{message}");
 
-        let error = ssh::connect(&target(&sshd), &SshAuth::password("wrong-password-123"), None, STEP)
+        let error = ssh::connect(&target(&sshd), &SshAuth::password("wrong-password-123"), &[], STEP)
             .await
             .expect_err("the password is wrong");
         assert!(matches!(error, SshError::AuthFailed { .. }), "{error:?}");
@@ -202,7 +204,7 @@ async fn a_wrong_key_or_password_is_auth_failed() {
 
         // Key, then password: both refused, one error.
         let both = SshAuth::key_then_password(stranger, "wrong-password-123");
-        let error = ssh::connect(&target(&sshd), &both, None, STEP).await.expect_err("both are wrong");
+        let error = ssh::connect(&target(&sshd), &both, &[], STEP).await.expect_err("both are wrong");
         assert!(matches!(&error, SshError::AuthFailed { method, .. } if method.contains("and password")), "{error:?}");
         assert_eq!(sshd.accepted_logins(), 0);
     })
@@ -212,7 +214,7 @@ async fn a_wrong_key_or_password_is_auth_failed() {
 #[tokio::test]
 async fn a_changed_host_key_is_refused_before_logging_in() {
     let mut sshd = TestSshd::start();
-    let first = bounded(ssh::check_ready(&target(&sshd), &bootstrap(&sshd), None)).await.expect("first contact");
+    let first = bounded(ssh::check_ready(&target(&sshd), &bootstrap(&sshd), &[])).await.expect("first contact");
     assert_eq!(first, sshd.host_key_fingerprint());
 
     let new_key = sshd.new_host_key();
@@ -220,34 +222,45 @@ async fn a_changed_host_key_is_refused_before_logging_in() {
     let second = sshd.host_key_fingerprint();
     assert_ne!(first, second);
     let logins_before = sshd.accepted_logins();
+    let attempts_before = sshd.auth_attempts();
+    assert!(attempts_before > 0, "the first contact logged in: {}", sshd.log());
 
     bounded(async {
         for _ in 0..2 {
             // Pinned stays pinned: every attempt is refused, nothing is re-pinned.
-            let error = ssh::connect(&target(&sshd), &bootstrap(&sshd), Some(&first), STEP)
+            let error = ssh::connect(&target(&sshd), &bootstrap(&sshd), std::slice::from_ref(&first), STEP)
                 .await
                 .expect_err("the host key changed");
-            let SshError::HostKeyMismatch { expected, found, .. } = &error else { panic!("{error:?}") };
-            assert_eq!(expected, &first);
+            let SshError::HostKeyMismatch { trusted, found, .. } = &error else { panic!("{error:?}") };
+            assert_eq!(trusted, std::slice::from_ref(&first));
             assert_eq!(found, &second);
             assert_eq!(error.reason(), "HostKeyMismatch");
             assert!(!error.is_retryable());
-            assert!(error.to_string().contains("changed"), "{error}");
+            assert!(error.to_string().contains("disconnected before logging in"), "{error}");
         }
-        // Refused before authenticating: the server saw no login.
+        // Disconnected before authenticating: the server saw no attempt, let alone a login.
         assert_eq!(sshd.accepted_logins(), logins_before, "{}", sshd.log());
+        assert_eq!(sshd.auth_attempts(), attempts_before, "{}", sshd.log());
 
-        let mapped = ssh::connect(&target(&sshd), &bootstrap(&sshd), Some(&first), STEP)
+        let mapped = ssh::connect(&target(&sshd), &bootstrap(&sshd), std::slice::from_ref(&first), STEP)
             .await
             .unwrap_err()
-            .to_driver_error("spec.credentialsSecretRef", "status.ssh.hostKeyFingerprint");
-        let DriverError::InvalidConfig { field, message } = &mapped else { panic!("{mapped:?}") };
-        assert_eq!(field, "status.ssh.hostKeyFingerprint");
-        assert!(message.contains("changed") && message.contains(&second), "{message}");
+            .to_driver_error("spec.credentialsSecretRef");
+        let DriverError::HostKeyMismatch { trusted, presented, .. } = &mapped else { panic!("{mapped:?}") };
+        assert_eq!((trusted, presented), (&vec![first.clone()], &second));
+        assert_eq!(mapped.reason(), "HostKeyMismatch");
         assert!(!mapped.is_retryable());
 
+        // Any of several trusted keys will do (a console lists one per key type).
+        let session = ssh::connect(&target(&sshd), &bootstrap(&sshd), &[first.clone(), second.clone()], STEP)
+            .await
+            .expect("one of the trusted keys");
+        session.close().await;
+
         // Accepting the new key is the caller's decision: pinning it works.
-        let session = ssh::connect(&target(&sshd), &bootstrap(&sshd), Some(&second), STEP).await.expect("new pin");
+        let session = ssh::connect(&target(&sshd), &bootstrap(&sshd), std::slice::from_ref(&second), STEP)
+            .await
+            .expect("new pin");
         assert_eq!(session.host_key_fingerprint(), second);
         session.close().await;
     })
@@ -258,7 +271,7 @@ async fn a_changed_host_key_is_refused_before_logging_in() {
 async fn run_reports_exit_status_output_and_takes_stdin() {
     let sshd = TestSshd::start();
     bounded(async {
-        let session = ssh::connect(&target(&sshd), &bootstrap(&sshd), None, STEP).await.expect("login");
+        let session = ssh::connect(&target(&sshd), &bootstrap(&sshd), &[], STEP).await.expect("login");
         assert_eq!(session.target(), &target(&sshd));
 
         let output = session.run("echo out; echo err >&2; exit 3", None, STEP).await.unwrap();
@@ -271,12 +284,13 @@ async fn run_reports_exit_status_output_and_takes_stdin() {
         let ok = session.run("true", None, STEP).await.unwrap();
         assert!(ok.success() && ok.stdout.is_empty() && ok.stderr.is_empty());
 
-        // Standard input, larger than one SSH window, binary, and ended with EOF.
+        // Standard input, larger than one SSH window, binary, and ended with EOF; of the
+        // output, the end is kept.
         let input: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let echoed = session.run("cat", Some(&input), STEP).await.unwrap();
         assert!(echoed.success());
-        assert_eq!(echoed.stdout.len(), input.len());
-        assert!(echoed.stdout == input, "stdin came back altered");
+        assert_eq!(echoed.stdout.len(), ssh::MAX_OUTPUT_BYTES);
+        assert!(echoed.stdout == input[input.len() - ssh::MAX_OUTPUT_BYTES..], "stdin came back altered");
         let counted = session.run("wc -c", Some(b"12345"), STEP).await.unwrap();
         assert_eq!(counted.stdout_text().trim(), "5");
 
@@ -306,7 +320,7 @@ async fn run_reports_exit_status_output_and_takes_stdin() {
 async fn a_connection_dropped_during_a_command_is_connection_lost() {
     let sshd = TestSshd::start();
     bounded(async {
-        let session = ssh::connect(&target(&sshd), &bootstrap(&sshd), None, STEP).await.expect("login");
+        let session = ssh::connect(&target(&sshd), &bootstrap(&sshd), &[], STEP).await.expect("login");
         // Kill the server process of this very session: the connection drops.
         let error = session.run("kill -9 $PPID; sleep 5", None, STEP).await.expect_err("the connection drops");
         assert!(matches!(error, SshError::ConnectionLost { stage: SshStage::Command, .. }), "{error:?}");

@@ -155,7 +155,7 @@ async fn a_controller_killed_between_run_instances_and_the_status_write_leaves_o
     // then nothing (no providerID reached the API).
     let driver = Drivers::new(tempfile::tempdir()?.path()).driver(
         &m.spec.driver,
-        MachineRef { uid: uid.clone(), name: m.name_any(), namespace: env.namespace.clone() },
+        MachineRef { uid: uid.clone(), name: m.name_any(), namespace: env.namespace.clone(), ..Default::default() },
         Credentials(credentials()),
     )?;
     let launched = driver.create(&CreateRequest::default()).await?;

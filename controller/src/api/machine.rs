@@ -245,9 +245,15 @@ pub struct SshStatus {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_secret_name: Option<String>,
-    /// Pinned at first contact and verified on every later connection.
+    /// Pinned at first contact (verified against the provider's console where the driver
+    /// can read it) and verified on every later connection, before any login.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_key_fingerprint: Option<String>,
+    /// The host key the host presented instead of the pinned one, while SSH is refused
+    /// for it. Accept it with the annotation `machinist.dev/accept-host-key` set to
+    /// exactly this value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presented_host_key_fingerprint: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -10,8 +10,9 @@ pub use machine::*;
 pub const FINALIZER: &str = "machinist.dev/machine";
 /// While this annotation is present, nothing is called on the driver.
 pub const PAUSED_ANNOTATION: &str = "machinist.dev/paused";
-/// Set to the new host key fingerprint (`SHA256:...`) to accept it after a host key
-/// change; machinist never re-pins a host key by itself.
+/// Set to the fingerprint (`SHA256:...`) a host presents after a host key change to
+/// accept exactly that key; machinist never re-pins a host key by itself. Honoured only
+/// while the host presents that key, and removed once the key is pinned.
 pub const ACCEPT_HOST_KEY_ANNOTATION: &str = "machinist.dev/accept-host-key";
 /// The field manager of every write machinist makes.
 pub const FIELD_MANAGER: &str = "machinist";

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, finalizer};
@@ -16,7 +17,7 @@ use tracing::{debug, info, instrument, warn};
 
 use super::events::EventNote;
 use super::patch_status;
-use crate::api::{FINALIZER, Machine, MachineStatus};
+use crate::api::{ACCEPT_HOST_KEY_ANNOTATION, FIELD_MANAGER, FINALIZER, Machine, MachineStatus};
 use crate::reconcile::{self, CleanupNext, Input, Note, Observed, Outcome, Planned, Settings, Step, whole_seconds};
 
 /// What every reconcile shares.
@@ -162,6 +163,25 @@ fn machine_ref(machine: &Machine) -> MachineRef {
         uid: machine.uid().unwrap_or_default(),
         name: machine.name_any(),
         namespace: machine.namespace().unwrap_or_default(),
+        trusted_host_keys: reconcile::trusted_host_keys(machine),
+    }
+}
+
+/// Removes the accept annotation once its key is pinned: it accepted exactly one key and
+/// must not accept a later one.
+async fn consume_accept_annotation(api: &Api<Machine>, machine: &Machine, status: &MachineStatus) -> Result<(), Error> {
+    if !reconcile::accept_annotation_consumed(machine, status) {
+        return Ok(());
+    }
+    let patch = serde_json::json!({ "metadata": { "annotations": { ACCEPT_HOST_KEY_ANNOTATION: null } } });
+    let params = PatchParams { field_manager: Some(FIELD_MANAGER.to_string()), ..Default::default() };
+    match api.patch(&machine.name_any(), &params, &Patch::Merge(&patch)).await {
+        Ok(_) => {
+            info!("the accepted host key is pinned; removed the {ACCEPT_HOST_KEY_ANNOTATION} annotation");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -183,6 +203,7 @@ async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<A
         observed,
         offers_ssh,
         ssh_key_secret: key.as_ref().map(|k| k.secret_name.clone()),
+        first_contact_host_key: driver.as_ref().and_then(|d| d.first_contact_host_key()),
         now: now(),
         jitter: rand::random(),
         settings: &ctx.settings,
@@ -194,6 +215,7 @@ async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<A
     let (Some(planned), Some(driver)) = (plan.step.clone(), driver) else {
         patch_status(api, &ctx.written, machine, written, &plan.status).await?;
         publish(ctx, machine, &plan.notes).await;
+        consume_accept_annotation(api, machine, &plan.status).await?;
         return Ok(requeue(plan.requeue));
     };
 
@@ -209,10 +231,11 @@ async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<A
     let provider_id = plan.status.provider_id.clone().unwrap_or_default();
     info!(step = ?planned.step, cause = ?planned.cause, provider_id, "calling the driver");
     let outcome = perform(driver.as_ref(), &planned, &provider_id, ctx, machine, key.as_ref()).await;
-    let after = Input { now: now(), ..input };
+    let after = Input { now: now(), first_contact_host_key: driver.first_contact_host_key(), ..input };
     let recorded = reconcile::record(&after, &plan, &planned, outcome);
     patch_status(api, &ctx.written, machine, shown.as_ref(), &recorded.status).await?;
     publish(ctx, machine, &recorded.notes).await;
+    consume_accept_annotation(api, machine, &recorded.status).await?;
     Ok(requeue(recorded.requeue))
 }
 
@@ -224,6 +247,7 @@ async fn cleanup(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result
         observed,
         offers_ssh: false,
         ssh_key_secret: None,
+        first_contact_host_key: None,
         now: now(),
         jitter: rand::random(),
         settings: &ctx.settings,
@@ -452,6 +476,7 @@ async fn perform(
                     reason: "NoSSHKey",
                     message: "the Machine's SSH key is not available".into(),
                     retryable: true,
+                    presented_host_key: None,
                 });
             };
             match planned.step {

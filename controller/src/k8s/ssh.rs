@@ -11,17 +11,17 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::PostParams;
 use kube::{Api, Client, Resource, ResourceExt};
 use machinist_drivers::ssh::{self, SshAuth, SshError, SshPrivateKey, SshTarget};
-use machinist_drivers::{Driver, DriverError};
+use machinist_drivers::{Driver, DriverError, HostKeys};
 
-use crate::api::{ACCEPT_HOST_KEY_ANNOTATION, Machine, machine_labels};
-use crate::reconcile::{Outcome, SshFailure};
+use crate::api::{Machine, machine_labels};
+use crate::reconcile::{self, HostKeyTrust, Outcome, SshFailure};
 
 /// How long each SSH step (connect, login, command) of a readiness check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a provisioning script may run.
 const PROVISION_TIMEOUT: Duration = Duration::from_secs(30 * 60);
-/// How many lines of a failed script's output go into the condition message.
-const OUTPUT_LINES: usize = 20;
+/// How long a driver may take to tell an instance's host keys (a console read).
+const HOST_KEYS_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The Machine's SSH key and the Secret it lives in.
 pub struct MachineKey {
@@ -142,9 +142,17 @@ async fn target(driver: &dyn Driver, id: &str, machine: &Machine) -> Result<SshT
                 reason: "NoSSHEndpoint",
                 message: "the driver reports no SSH endpoint for the instance yet".into(),
                 retryable: true,
+                presented_host_key: None,
             });
         }
-        Err(e) => return Err(SshFailure { reason: e.reason(), message: e.to_string(), retryable: e.is_retryable() }),
+        Err(e) => {
+            return Err(SshFailure {
+                reason: e.reason(),
+                message: e.to_string(),
+                retryable: e.is_retryable(),
+                presented_host_key: None,
+            });
+        }
     };
     let spec = machine.spec.ssh.as_ref();
     let port = spec.and_then(|s| s.port).unwrap_or(endpoint.port);
@@ -153,48 +161,71 @@ async fn target(driver: &dyn Driver, id: &str, machine: &Machine) -> Result<SshT
 }
 
 fn failure(error: &SshError) -> SshFailure {
-    let message = match error {
-        SshError::HostKeyMismatch { found, .. } => format!(
-            "{error}. To accept the new key, annotate the Machine: kubectl annotate machine <name> {ACCEPT_HOST_KEY_ANNOTATION}={found}"
-        ),
-        _ => error.to_string(),
+    let presented_host_key = match error {
+        SshError::HostKeyMismatch { found, .. } => Some(found.clone()),
+        _ => None,
     };
     // A refused login right after boot is often a key not installed yet: retried, with
-    // its own reason, so a wrong setup still shows as AuthFailed.
-    let retryable = !matches!(error, SshError::HostKeyMismatch { .. });
-    SshFailure { reason: error.reason(), message, retryable }
+    // its own reason, so a wrong setup still shows as AuthFailed. A host key mismatch
+    // waits for the user.
+    let retryable = presented_host_key.is_none();
+    SshFailure { reason: error.reason(), message: error.to_string(), retryable, presented_host_key }
 }
 
-/// The pinned host key, or the one the accept annotation names when the pinned one no
-/// longer matches.
-fn accepted_key(machine: &Machine, found: &str) -> bool {
-    machine.annotations().get(ACCEPT_HOST_KEY_ANNOTATION).is_some_and(|a| a == found)
+/// The host keys the first contact must see, from the driver's own source (a console),
+/// and how that trust is described.
+async fn first_contact_trust(driver: &dyn Driver, id: &str) -> Result<(Vec<String>, HostKeyTrust), Outcome> {
+    let asked = tokio::time::timeout(HOST_KEYS_TIMEOUT, driver.host_keys(id)).await.unwrap_or_else(|_| {
+        Err(DriverError::transient(format!(
+            "the driver did not tell the instance's host keys within {}s",
+            HOST_KEYS_TIMEOUT.as_secs()
+        )))
+    });
+    match asked {
+        Ok(HostKeys::Known { fingerprints, source }) => Ok((fingerprints, HostKeyTrust::Verified { source })),
+        Ok(HostKeys::Pending(waiting)) => Err(Outcome::SshPending(waiting)),
+        Ok(HostKeys::Unavailable(why)) => Ok((Vec::new(), HostKeyTrust::FirstContact { why: Some(why) })),
+        Ok(HostKeys::NotOffered) => Ok((Vec::new(), HostKeyTrust::FirstContact { why: None })),
+        Err(e) => Err(Outcome::SshFailed(SshFailure {
+            reason: e.reason(),
+            message: format!("reading the instance's SSH host keys: {e}"),
+            retryable: e.is_retryable(),
+            presented_host_key: None,
+        })),
+    }
 }
 
-/// Connects with the Machine's key and runs a no-op; pins the host key at first contact.
+/// Connects with the Machine's key and runs a no-op. Every connection is held to the
+/// trusted host keys; at first contact the driver's own source of host keys verifies the
+/// key, or it is trusted, and pinned.
 pub async fn check(driver: &dyn Driver, id: &str, machine: &Machine, key: &MachineKey) -> Outcome {
     let target = match target(driver, id, machine).await {
         Ok(t) => t,
         Err(f) => return Outcome::SshFailed(f),
     };
     let auth = SshAuth::key(key.key.clone());
-    let pinned = machine.status.as_ref().and_then(|s| s.ssh.as_ref()).and_then(|s| s.host_key_fingerprint.clone());
-    let mut result = ssh::check_ready_within(&target, &auth, pinned.as_deref(), CHECK_TIMEOUT).await;
-    if let Err(SshError::HostKeyMismatch { found, .. }) = &result
-        && accepted_key(machine, found)
-    {
-        let found = found.clone();
-        result = ssh::check_ready_within(&target, &auth, Some(&found), CHECK_TIMEOUT).await;
-    }
-    match result {
-        Ok(fingerprint) => {
-            Outcome::SshReady { fingerprint, host: target.host.clone(), port: target.port, user: target.user.clone() }
+    let mut trusted = reconcile::trusted_host_keys(machine);
+    let mut trust = HostKeyTrust::Pinned;
+    if trusted.is_empty() {
+        match first_contact_trust(driver, id).await {
+            Ok((keys, how)) => (trusted, trust) = (keys, how),
+            Err(outcome) => return outcome,
         }
+    }
+    match ssh::check_ready_within(&target, &auth, &trusted, CHECK_TIMEOUT).await {
+        Ok(fingerprint) => Outcome::SshReady {
+            fingerprint,
+            trust,
+            host: target.host.clone(),
+            port: target.port,
+            user: target.user.clone(),
+        },
         Err(e) => Outcome::SshFailed(failure(&e)),
     }
 }
 
-/// Runs the provisioning script with `sh -s` (the script on standard input).
+/// Runs the provisioning script with `sh -s` (the script on standard input), on a host
+/// that presents the pinned key.
 pub async fn provision(driver: &dyn Driver, id: &str, machine: &Machine, key: &MachineKey) -> Outcome {
     let Some(script) = machine.spec.provisioning.as_ref().map(|p| p.script.clone()) else {
         return Outcome::Provisioned { exit_status: Some(0), output: String::new() };
@@ -203,8 +234,16 @@ pub async fn provision(driver: &dyn Driver, id: &str, machine: &Machine, key: &M
         Ok(t) => t,
         Err(f) => return Outcome::SshFailed(f),
     };
-    let pinned = machine.status.as_ref().and_then(|s| s.ssh.as_ref()).and_then(|s| s.host_key_fingerprint.clone());
-    let session = match ssh::connect(&target, &SshAuth::key(key.key.clone()), pinned.as_deref(), CHECK_TIMEOUT).await {
+    let trusted = reconcile::trusted_host_keys(machine);
+    if trusted.is_empty() {
+        return Outcome::SshFailed(SshFailure {
+            reason: "NoPinnedHostKey",
+            message: "no host key is pinned yet; provisioning waits for the SSH check".into(),
+            retryable: true,
+            presented_host_key: None,
+        });
+    }
+    let session = match ssh::connect(&target, &SshAuth::key(key.key.clone()), &trusted, CHECK_TIMEOUT).await {
         Ok(s) => s,
         Err(e) => return Outcome::SshFailed(failure(&e)),
     };
@@ -215,13 +254,8 @@ pub async fn provision(driver: &dyn Driver, id: &str, machine: &Machine, key: &M
             let mut text = output.stdout_text();
             text.push_str(&output.stderr_text());
             let exit_status = output.exit_signal.is_none().then_some(output.exit_status);
-            Outcome::Provisioned { exit_status, output: last_lines(&text, OUTPUT_LINES) }
+            Outcome::Provisioned { exit_status, output: text }
         }
         Err(e) => Outcome::SshFailed(failure(&e)),
     }
-}
-
-fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }

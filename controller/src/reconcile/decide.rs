@@ -7,20 +7,28 @@ use machinist_drivers::{DriverError, Operation, State};
 use super::backoff::jittered;
 use super::summary::{
     condition_is, condition_reason, conditions, duration_between, error_reason, held_back, last_operation,
-    observation_retry_pending, record_failure, record_failure_parts, script_sha256, ssh_conditions, ssh_ready,
-    summarize_ready,
+    observation_retry_pending, record_failure, record_failure_parts, record_host_key_mismatch, script_sha256,
+    ssh_conditions, ssh_ready, summarize_ready,
 };
-use super::{Cause, Input, Note, Observed, Outcome, Plan, Planned, Step};
-use kube::ResourceExt;
+use super::{Cause, Input, Note, Observed, Outcome, Plan, Planned, Step, host_key};
 
 use crate::api::{
-    ConditionType, MachineStatus, OperationResult, Phase, PowerState, ProvisioningStatus, RestartMode, StopMode,
-    get_condition,
+    ACCEPT_HOST_KEY_ANNOTATION, ConditionType, MachineStatus, OperationResult, Phase, PowerState, ProvisioningStatus,
+    RestartMode, StopMode, get_condition,
 };
 
 /// How many SSH checks in a row may fail before machinist stops retrying (with the
 /// default backoff, about eight minutes), unlike docker-machine's fixed 60 × 3 s.
 pub const MAX_SSH_ATTEMPTS: u32 = 10;
+
+/// What status and Events keep of a provisioning script's output: its last lines, and at
+/// most this many bytes of them, so a noisy script cannot push the status write past the
+/// object size limit (and run again because its result was never recorded).
+pub const OUTPUT_LINES: usize = 20;
+pub const OUTPUT_MAX_BYTES: usize = 4096;
+
+/// How often a first SSH contact asks again for host keys a driver has not shown yet.
+pub const HOST_KEYS_POLL: Duration = Duration::from_secs(15);
 
 /// Decides the next step for a live (not deleting) Machine.
 pub fn plan(input: &Input<'_>) -> Plan {
@@ -79,9 +87,15 @@ pub fn plan(input: &Input<'_>) -> Plan {
         }
         Observed::Failed(error) => {
             if let Some(wait) = observation_retry_pending(&before, machine, input.now, &error) {
-                return Plan { status: before.clone(), step: None, requeue: Some(wait), notes };
+                let requeue = wait.unwrap_or_else(|| jittered(input.settings.poll_interval, input.jitter));
+                return Plan { status: before.clone(), step: None, requeue: Some(requeue), notes };
             }
             let (delay, note) = record_failure(c.status, input, Operation::Status, &error);
+            if let DriverError::HostKeyMismatch { .. } = error {
+                // Whoever answers is not the host machinist knows: never shown as Running.
+                status.state = Some(State::Error);
+                status.phase = Some(Phase::Failed);
+            }
             let mut c = conditions(&mut status, machine, input.now);
             c.unknown(
                 ConditionType::PowerStateSynced,
@@ -151,6 +165,7 @@ fn plan_instance(
     if let Some(addresses) = addresses {
         status.addresses = addresses;
     }
+    pin_first_contact(&mut status, &mut notes, input);
     let mut c = conditions(&mut status, machine, input.now);
 
     if state == State::NotFound {
@@ -326,15 +341,13 @@ fn plan_instance(
     }
 
     // A recent failure holds the step back until its retry is due.
-    let accepting_host_key = step.as_ref().is_some_and(|p| p.step == Step::CheckSsh)
-        && before.failures.as_ref().is_some_and(|f| f.reason == "HostKeyMismatch")
-        && machine.annotations().contains_key(crate::api::ACCEPT_HOST_KEY_ANNOTATION);
+    let mut held = false;
     if step.is_some()
-        && !accepting_host_key
         && let Some(wait) = held_back(&before, machine, input.now)
     {
         {
             step = None;
+            held = true;
             requeue = match wait {
                 Some(delay) => Some(delay),
                 // Not retried until the spec changes (unsupported, invalid): keep the
@@ -358,7 +371,9 @@ fn plan_instance(
         notes.extend(escalation);
     }
     let mut c = conditions(&mut status, machine, input.now);
+    // (A step held back by a failure is not converged: its failure and retry stay.)
     if step.is_none()
+        && !held
         && get_condition(&c.status.conditions, ConditionType::PowerStateSynced).is_some_and(|p| p.status == "True")
     {
         // Converged: the last failure, if any, is history.
@@ -373,6 +388,37 @@ fn plan_instance(
     }
     status.phase = Some(phase);
     Plan { status, step, requeue, notes }
+}
+
+/// The end of a script's output, bounded by [`OUTPUT_LINES`] and [`OUTPUT_MAX_BYTES`]
+/// (on a character boundary); a cut is marked with `…`.
+pub fn output_tail(text: &str) -> String {
+    let text = text.trim_end();
+    let lines: Vec<&str> = text.lines().collect();
+    let last = lines[lines.len().saturating_sub(OUTPUT_LINES)..].join("\n");
+    if last.len() <= OUTPUT_MAX_BYTES {
+        return last;
+    }
+    let mut start = last.len() - (OUTPUT_MAX_BYTES - '…'.len_utf8());
+    while !last.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &last[start..])
+}
+
+/// Pins the host key the driver's own login trusted at first contact, when nothing is
+/// pinned yet (the generic driver's bootstrap login).
+fn pin_first_contact(status: &mut MachineStatus, notes: &mut Vec<Note>, input: &Input<'_>) {
+    let Some(fingerprint) = &input.first_contact_host_key else { return };
+    let ssh = status.ssh.get_or_insert_default();
+    if ssh.host_key_fingerprint.is_none() {
+        ssh.host_key_fingerprint = Some(fingerprint.clone());
+        notes.push(Note::normal(
+            "HostKeyPinned",
+            "Create",
+            format!("pinned the host key {fingerprint} seen at the driver's first SSH contact"),
+        ));
+    }
 }
 
 fn skip_restart(status: &mut MachineStatus, notes: &mut Vec<Note>, request: String) {
@@ -395,6 +441,7 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
         Outcome::Created(id) => {
             status.provider_id = Some(id.clone());
             status.failures = None;
+            pin_first_contact(&mut status, &mut notes, input);
             status.phase = Some(Phase::Creating);
             last_operation(
                 &mut status,
@@ -483,26 +530,39 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
             summarize_ready(&mut conditions(&mut status, machine, now), machine);
             Plan { status, step: None, requeue: progress, notes }
         }
-        Outcome::SshReady { fingerprint, host, port, user } => {
+        Outcome::SshReady { fingerprint, trust, host, port, user } => {
             let ssh = status.ssh.get_or_insert_default();
             if let Some(old) = ssh.host_key_fingerprint.as_ref().filter(|old| **old != fingerprint) {
-                notes.push(Note::warning(
-                    "HostKeyAccepted",
-                    "CheckSSH",
-                    format!("accepted the new host key {fingerprint} (was {old}), as the machinist.dev/accept-host-key annotation says"),
-                ));
+                let message = if host_key::accept_annotation(machine) == Some(fingerprint.as_str()) {
+                    format!(
+                        "accepted the new host key {fingerprint} (was {old}), as the {ACCEPT_HOST_KEY_ANNOTATION} \
+                         annotation asks"
+                    )
+                } else {
+                    format!(
+                        "pinned the host key {fingerprint} (was {old}), as spec.driver.generic.hostKeyFingerprint says"
+                    )
+                };
+                notes.push(Note::normal("HostKeyAccepted", "CheckSSH", message));
             }
-            ssh.host_key_fingerprint = Some(fingerprint);
+            ssh.host_key_fingerprint = Some(fingerprint.clone());
+            ssh.presented_host_key_fingerprint = None;
             ssh.host = Some(host.clone());
             ssh.port = Some(port);
             ssh.user = Some(user.clone());
             status.failures = None;
-            let message = format!("SSH answers on {host}:{port} as {user} with the Machine's key");
+            let message = host_key::ready_message(&host, port, &user, &fingerprint, &trust);
             let mut c = conditions(&mut status, machine, now);
             c.set(ConditionType::SSHReady, true, "Ready", message.clone());
             summarize_ready(&mut c, machine);
             notes.push(Note::normal("SSHReady", "CheckSSH", message));
             Plan { status, step: None, requeue: progress, notes }
+        }
+        Outcome::SshPending(message) => {
+            let mut c = conditions(&mut status, machine, now);
+            c.unknown(ConditionType::SSHReady, "WaitingForHostKeys", message);
+            summarize_ready(&mut c, machine);
+            Plan { status, step: None, requeue: Some(HOST_KEYS_POLL), notes }
         }
         Outcome::SshFailed(failure) => {
             let what = match planned.step {
@@ -513,18 +573,23 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
             // changes (a spec edit, a restart request).
             let attempts = status.failures.as_ref().map_or(0, |f| f.count) + 1;
             let exhausted = attempts >= MAX_SSH_ATTEMPTS;
-            let detail = if exhausted && failure.retryable {
-                format!(
+            let detail = match &failure.presented_host_key {
+                Some(presented) => {
+                    format!("{what}{}. {}", failure.message, host_key::mismatch_advice(machine, presented))
+                }
+                None if exhausted && failure.retryable => format!(
                     "{what}{}; gave up after {attempts} attempts: fix the cause, then change the Machine's spec (for example set spec.restartRequest) to try again",
                     failure.message
-                )
-            } else {
-                format!("{what}{}", failure.message)
+                ),
+                None => format!("{what}{}", failure.message),
             };
             let retryable = failure.retryable && !exhausted;
             let (delay, note) =
                 record_failure_parts(&mut status, input, None, failure.reason, &detail, retryable, None);
             notes.push(note);
+            if let Some(presented) = &failure.presented_host_key {
+                record_host_key_mismatch(&mut status, input, presented);
+            }
             let message = status.failures.as_ref().map(|f| f.message.clone()).unwrap_or_default();
             let mut c = conditions(&mut status, machine, now);
             c.set(ConditionType::SSHReady, false, failure.reason, message);
@@ -550,7 +615,8 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
             } else {
                 let exit = exit_status.map_or_else(|| "without an exit status".to_string(), |e| format!("with {e}"));
                 let message = format!(
-                    "the provisioning script exited {exit}; it runs again only when spec.provisioning.script changes. Last output:\n{output}"
+                    "the provisioning script exited {exit}; it runs again only when spec.provisioning.script changes. Last output:\n{}",
+                    output_tail(&output)
                 );
                 c.set(ConditionType::Provisioned, false, "Failed", message.clone());
                 notes.push(Note::warning("ProvisioningFailed", "Provision", message));

@@ -66,7 +66,7 @@ pub fn plan_cleanup(input: &Input<'_>) -> CleanupPlan {
         }
         (Observed::Failed(error), None) => {
             if let Some(wait) = observation_retry_pending(&before, machine, input.now, error) {
-                return CleanupPlan { status: before.clone(), next: CleanupNext::Wait(Some(wait)), notes };
+                return CleanupPlan { status: before.clone(), next: CleanupNext::Wait(wait), notes };
             }
             let (delay, note) = record_failure(&mut status, input, Operation::Status, error);
             notes.push(note);

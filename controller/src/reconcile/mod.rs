@@ -7,13 +7,15 @@
 mod backoff;
 mod decide;
 mod delete;
+mod host_key;
 mod summary;
 #[cfg(test)]
 mod tests;
 
 pub use backoff::{Settings, backoff_delay};
-pub use decide::{begin, plan, record};
+pub use decide::{OUTPUT_LINES, OUTPUT_MAX_BYTES, begin, output_tail, plan, record};
 pub use delete::{plan_cleanup, record_cleanup};
+pub use host_key::{HOST_KEY_MISMATCH, HostKeyTrust, accept_annotation_consumed, pinned, trusted_host_keys};
 pub use summary::whole_seconds;
 
 use std::time::Duration;
@@ -46,6 +48,9 @@ pub struct Input<'a> {
     pub offers_ssh: bool,
     /// The Secret holding the Machine's SSH key, for drivers that offer SSH.
     pub ssh_key_secret: Option<String>,
+    /// The host key the driver's own SSH logins trusted at first contact, to pin
+    /// ([`Driver::first_contact_host_key`](machinist_drivers::Driver::first_contact_host_key)).
+    pub first_contact_host_key: Option<String>,
     pub now: Timestamp,
     /// A random number in [0, 1) for jitter; fixed in tests.
     pub jitter: f64,
@@ -123,13 +128,18 @@ pub enum Outcome {
         operation: Operation,
         error: DriverError,
     },
-    /// SSH answered with the Machine's key; the host key seen and where.
+    /// SSH answered with the Machine's key; the host key seen, how it was trusted, and
+    /// where.
     SshReady {
         fingerprint: String,
+        trust: HostKeyTrust,
         host: String,
         port: u16,
         user: String,
     },
+    /// SSH was not tried yet: the first contact waits for the host keys to show (a
+    /// booting instance's console); says what it waits for.
+    SshPending(String),
     /// SSH did not answer as it should.
     SshFailed(SshFailure),
     /// The provisioning script ran to an exit status (0 is success); `output` holds the
@@ -148,6 +158,8 @@ pub struct SshFailure {
     pub message: String,
     /// A slow boot (worth retrying) rather than a wrong setup.
     pub retryable: bool,
+    /// For [`HOST_KEY_MISMATCH`]: the key the host presented.
+    pub presented_host_key: Option<String>,
 }
 
 /// An Event to publish about the Machine.

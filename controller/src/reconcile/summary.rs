@@ -6,7 +6,7 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use machinist_drivers::{DriverError, Operation};
 
-use super::{Input, Note, backoff_delay};
+use super::{Input, Note, backoff_delay, host_key};
 use crate::api::{
     ConditionType, Failures, LastOperation, Machine, MachineStatus, OperationResult, PowerState, get_condition,
     set_condition, set_condition_status,
@@ -44,9 +44,13 @@ pub(super) fn condition_reason(status: &MachineStatus, kind: ConditionType) -> O
 }
 
 /// Whether the last failure still holds back a new attempt, and for how long.
-/// `Some(None)`: no attempt until the spec changes; `Some(Some(d))`: wait `d`.
+/// `Some(None)`: no attempt until the spec changes (or, for a host key mismatch, until the
+/// presented key is accepted); `Some(Some(d))`: wait `d`.
 pub(super) fn held_back(before: &MachineStatus, machine: &Machine, now: Timestamp) -> Option<Option<Duration>> {
     let failures = before.failures.as_ref()?;
+    if host_key::acceptance_pending(before, machine) {
+        return None;
+    }
     // A spec change since the failure earns an immediate attempt.
     let same_generation = get_condition(&before.conditions, ConditionType::Ready)
         .and_then(|c| c.observed_generation)
@@ -61,23 +65,20 @@ pub(super) fn held_back(before: &MachineStatus, machine: &Machine, now: Timestam
     }
 }
 
-/// How long until the retry of a failed observation, when this same failure is already
-/// recorded and not yet due. Recording it again would be a status write whose watch
-/// event wakes the Machine again at once: a loop.
+/// Whether this same failed observation is already recorded and its retry not yet due
+/// (as [`held_back`] says it: `Some(None)` for one that is not retried). Recording it again
+/// would be a status write whose watch event wakes the Machine again at once: a loop; and
+/// a failure that repeats itself costs one write.
 pub(super) fn observation_retry_pending(
     before: &MachineStatus,
     machine: &Machine,
     now: Timestamp,
     error: &DriverError,
-) -> Option<Duration> {
-    let same = before
-        .failures
-        .as_ref()
-        .is_some_and(|f| f.reason == error_reason(error) && f.message.starts_with(OBSERVATION_FAILED));
-    match held_back(before, machine, now) {
-        Some(Some(wait)) if same => Some(wait),
-        _ => None,
-    }
+) -> Option<Option<Duration>> {
+    let detail = failure_detail(machine, Operation::Status, error);
+    let same =
+        before.failures.as_ref().is_some_and(|f| f.reason == error_reason(error) && f.message.starts_with(&detail));
+    if same { held_back(before, machine, now) } else { None }
 }
 
 pub(super) fn duration_between(from: Timestamp, to: Timestamp) -> Duration {
@@ -103,6 +104,41 @@ pub(super) fn last_operation(
 /// How the message of a failed observation (driver Status) starts.
 const OBSERVATION_FAILED: &str = "reading the instance failed";
 
+/// What failed, for the failure's message (without the retry).
+fn failure_detail(machine: &Machine, operation: Operation, error: &DriverError) -> String {
+    let what = match operation {
+        Operation::Status => format!("{OBSERVATION_FAILED}: {error}"),
+        _ => format!("{operation} failed: {error}"),
+    };
+    match error {
+        DriverError::HostKeyMismatch { presented, .. } => {
+            format!("{what}. {}", host_key::mismatch_advice(machine, presented))
+        }
+        _ => what,
+    }
+}
+
+/// How a failure that is not retried says so.
+fn no_retry_phrase(reason: &str) -> &'static str {
+    match reason {
+        host_key::HOST_KEY_MISMATCH => "not retrying until the new key is accepted",
+        "NotSupported" => "not retrying",
+        _ => "not retrying until the spec changes",
+    }
+}
+
+/// Records the key a host presented instead of the trusted one, and says so in SSHReady.
+pub(super) fn record_host_key_mismatch(status: &mut MachineStatus, input: &Input<'_>, presented: &str) {
+    status.ssh.get_or_insert_default().presented_host_key_fingerprint = Some(presented.to_string());
+    let message = status.failures.as_ref().map(|f| f.message.clone()).unwrap_or_default();
+    conditions(status, input.machine, input.now).set(
+        ConditionType::SSHReady,
+        false,
+        host_key::HOST_KEY_MISMATCH,
+        message,
+    );
+}
+
 /// Records a failed driver call: counts it, schedules the retry (none for errors that
 /// need a spec change), and words the Event. A failed observation (`Status`) leaves
 /// `lastOperation` alone: it names the last operation that changed the instance.
@@ -113,16 +149,9 @@ pub(super) fn record_failure(
     operation: Operation,
     error: &DriverError,
 ) -> (Option<Duration>, Note) {
-    let detail = match operation {
-        Operation::Status => format!("{OBSERVATION_FAILED}: {error}"),
-        _ => format!("{operation} failed: {error}"),
-    };
+    let detail = failure_detail(input.machine, operation, error);
     let recorded = (operation != Operation::Status).then_some(operation);
-    let mut no_retry = "not retrying until the spec changes";
-    if let DriverError::NotSupported { .. } = error {
-        no_retry = "not retrying";
-    }
-    let (delay, mut note) = record_failure_parts(
+    let result = record_failure_parts(
         status,
         input,
         recorded,
@@ -131,17 +160,10 @@ pub(super) fn record_failure(
         error.is_retryable(),
         error.retry_after(),
     );
-    if delay.is_none() {
-        // The generic wording is for failures a spec change fixes; say it precisely.
-        note.message = note.message.replace("not retrying until the spec changes", no_retry);
-        if let Some(f) = status.failures.as_mut() {
-            f.message = note.message.clone();
-        }
-        if let Some(op) = status.last_operation.as_mut().filter(|_| recorded.is_some()) {
-            op.message = note.message.clone();
-        }
+    if let DriverError::HostKeyMismatch { presented, .. } = error {
+        record_host_key_mismatch(status, input, presented);
     }
-    (delay, note)
+    result
 }
 
 /// Counts a failure, schedules its retry, and records it in `failures` (and in
@@ -160,7 +182,7 @@ pub(super) fn record_failure_parts(
     let next_retry_time = delay.map(|d| Time(input.now + SignedDuration::try_from(d).unwrap_or(SignedDuration::ZERO)));
     let what = match delay {
         Some(d) => format!("retrying in {}s (attempt {count})", d.as_secs()),
-        None => "not retrying until the spec changes".to_string(),
+        None => no_retry_phrase(reason).to_string(),
     };
     let message = format!("{detail}; {what}");
     status.failures = Some(Failures { count, reason: reason.to_string(), message: message.clone(), next_retry_time });

@@ -1992,6 +1992,7 @@ mod simulation {
                 observed: observed.clone(),
                 offers_ssh: false,
                 ssh_key_secret: None,
+                first_contact_host_key: None,
                 now: self.now,
                 jitter: self.jitter,
                 settings: &SETTINGS,
@@ -2153,8 +2154,12 @@ fn ssh_failures_are_retried_with_backoff_then_given_up() {
         let planned = plan(&input);
         let step = planned.step.clone().unwrap_or_else(|| panic!("attempt {attempt}: no SSH check planned"));
         assert_eq!(step.step, Step::CheckSsh);
-        let refused =
-            SshFailure { reason: "ConnectionRefused", message: "ssh x: connection refused".into(), retryable: true };
+        let refused = SshFailure {
+            reason: "ConnectionRefused",
+            message: "ssh x: connection refused".into(),
+            retryable: true,
+            presented_host_key: None,
+        };
         let recorded = record(&input, &planned, &step, Outcome::SshFailed(refused));
         assert_eq!(cond(&recorded.status, ConditionType::SSHReady), Some(("False", "ConnectionRefused")));
         assert_eq!(cond(&recorded.status, ConditionType::Ready).map(|c| c.1), Some("ConnectionRefused"));
@@ -2173,22 +2178,270 @@ fn ssh_failures_are_retried_with_backoff_then_given_up() {
     assert_eq!(plan(&ssh_input_at(&changed, when)).step.map(|p| p.step), Some(Step::CheckSsh));
 }
 
+// ---------------------------------------------------------------------------------------
+// SSH host-key trust
+// ---------------------------------------------------------------------------------------
+
+const PINNED: &str = "SHA256:pinned";
+const PRESENTED: &str = "SHA256:presented";
+
+fn mismatch(presented: &str) -> Outcome {
+    Outcome::SshFailed(crate::reconcile::SshFailure {
+        reason: "HostKeyMismatch",
+        message: format!("ssh u@h:22: the host presents the host key {presented}, not the trusted {PINNED}"),
+        retryable: false,
+        presented_host_key: Some(presented.to_string()),
+    })
+}
+
+fn ready_with(fingerprint: &str, trust: crate::reconcile::HostKeyTrust) -> Outcome {
+    Outcome::SshReady { fingerprint: fingerprint.into(), trust, host: "h".into(), port: 22, user: "u".into() }
+}
+
+/// A running Machine whose pinned host key the host no longer presents: the SSH check
+/// after a restart found `PRESENTED`.
+fn refused_host_key() -> Machine {
+    let machine = was(State::Running)(Machine::test()).with_pinned_host_key(PINNED);
+    let planned = plan(&ssh_input(&machine));
+    let step = planned.step.clone().unwrap();
+    assert_eq!(step.step, Step::CheckSsh);
+    let recorded = record(&ssh_input(&machine), &planned, &step, mismatch(PRESENTED));
+    feed(&machine, &recorded.status)
+}
+
 #[test]
-fn host_key_mismatch_is_never_retried_until_accepted() {
-    use crate::reconcile::SshFailure;
+fn a_failed_ssh_check_waits_out_its_backoff_without_writes() {
     let machine = was(State::Running)(Machine::test());
     let planned = plan(&ssh_input(&machine));
     let step = planned.step.clone().unwrap();
-    let mismatch = SshFailure { reason: "HostKeyMismatch", message: "the host key changed".into(), retryable: false };
-    let recorded = record(&ssh_input(&machine), &planned, &step, Outcome::SshFailed(mismatch));
-    assert_eq!(recorded.status.failures.as_ref().unwrap().next_retry_time, None);
+    let refused = crate::reconcile::SshFailure {
+        reason: "ConnectionRefused",
+        message: "ssh x: connection refused".into(),
+        retryable: true,
+        presented_host_key: None,
+    };
+    let recorded = record(&ssh_input(&machine), &planned, &step, Outcome::SshFailed(refused));
+    let retry = recorded.status.failures.as_ref().unwrap().next_retry_time.clone().unwrap();
+    let machine = feed(&machine, &recorded.status);
+    // Woken by its own status write, before the retry is due: nothing changes.
+    let early = plan(&ssh_input(&machine));
+    assert_eq!(early.step, None);
+    assert_eq!(Some(&early.status), machine.status.as_ref(), "the failure and its retry time stay");
+    assert!(early.requeue.is_some_and(|d| d > Duration::ZERO));
+    // Due: the check again.
+    let due = plan(&ssh_input_at(&machine, retry.0));
+    assert_eq!(due.step.map(|p| p.step), Some(Step::CheckSsh));
+}
+
+#[test]
+fn a_host_key_mismatch_is_recorded_once_and_not_retried() {
+    let machine = was(State::Running)(Machine::test()).with_pinned_host_key(PINNED);
+    let planned = plan(&ssh_input(&machine));
+    let step = planned.step.clone().unwrap();
+    let recorded = record(&ssh_input(&machine), &planned, &step, mismatch(PRESENTED));
+    let failures = recorded.status.failures.as_ref().unwrap();
+    assert_eq!(failures.next_retry_time, None);
+    assert!(failures.message.contains("not retrying until the new key is accepted"), "{}", failures.message);
+    assert_eq!(warnings(&recorded.notes), ["HostKeyMismatch"]);
+    let ssh = recorded.status.ssh.as_ref().unwrap();
+    assert_eq!(ssh.host_key_fingerprint.as_deref(), Some(PINNED), "the pin is kept");
+    assert_eq!(ssh.presented_host_key_fingerprint.as_deref(), Some(PRESENTED));
+    let text = message(&recorded.status, ConditionType::SSHReady);
+    assert!(
+        text.contains(&format!("kubectl annotate machine web-1 machinist.dev/accept-host-key={PRESENTED}")),
+        "{text}"
+    );
+    assert_eq!(cond(&recorded.status, ConditionType::Ready), Some(("False", "HostKeyMismatch")));
+
+    // However long it waits: no step, no Event, and the very same status (no write).
+    let machine = feed(&machine, &recorded.status);
+    for later in [0, 400, 86_400] {
+        let again = plan(&ssh_input_at(&machine, at(later)));
+        assert_eq!(again.step, None, "not retried after {later}s");
+        assert_eq!(Some(&again.status), machine.status.as_ref(), "no status change after {later}s");
+        assert!(again.notes.is_empty(), "{:?}", again.notes);
+    }
+}
+
+#[test]
+fn an_acceptance_of_another_key_changes_nothing() {
+    let machine = refused_host_key().accepting_host_key("SHA256:someother");
+    let again = plan(&ssh_input(&machine));
+    assert_eq!(again.step, None, "the annotation does not name the key presented");
+    assert_eq!(Some(&again.status), machine.status.as_ref());
+    assert!(again.notes.is_empty());
+}
+
+#[test]
+fn accepting_exactly_the_presented_key_pins_it_once_and_consumes_the_annotation() {
+    use crate::reconcile::{HostKeyTrust, accept_annotation_consumed, trusted_host_keys};
+    let machine = refused_host_key().accepting_host_key(PRESENTED);
+    assert_eq!(trusted_host_keys(&machine), [PINNED, PRESENTED], "the old pin or the accepted key");
+    let planned = plan(&ssh_input(&machine));
+    let step = planned.step.clone().expect("the acceptance lifts the hold");
+    assert_eq!(step.step, Step::CheckSsh);
+    let recorded = record(&ssh_input(&machine), &planned, &step, ready_with(PRESENTED, HostKeyTrust::Pinned));
+    let ssh = recorded.status.ssh.as_ref().unwrap();
+    assert_eq!(ssh.host_key_fingerprint.as_deref(), Some(PRESENTED));
+    assert_eq!(ssh.presented_host_key_fingerprint, None);
+    assert_eq!(recorded.status.failures, None);
+    let accepted: Vec<&Note> = recorded.notes.iter().filter(|n| n.reason == "HostKeyAccepted").collect();
+    assert_eq!(accepted.len(), 1);
+    assert!(!accepted[0].warning, "a Normal Event");
+    assert!(accepted[0].message.contains(PRESENTED) && accepted[0].message.contains(PINNED), "{}", accepted[0].message);
+    assert!(accept_annotation_consumed(&machine, &recorded.status), "the controller removes the annotation");
+    assert!(!accept_annotation_consumed(&machine, machine.status.as_ref().unwrap()), "not before it is pinned");
+}
+
+#[test]
+fn a_second_key_change_after_an_acceptance_is_refused_without_a_loop() {
+    // The accepted key is pinned, and the annotation not removed yet (or put back).
+    let machine = was(State::Running)(Machine::test()).with_pinned_host_key(PRESENTED).accepting_host_key(PRESENTED);
+    let planned = plan(&ssh_input(&machine));
+    let step = planned.step.clone().unwrap();
+    let recorded = record(&ssh_input(&machine), &planned, &step, mismatch("SHA256:third"));
     assert_eq!(warnings(&recorded.notes), ["HostKeyMismatch"]);
     let machine = feed(&machine, &recorded.status);
-    assert_eq!(plan(&ssh_input(&machine)).step, None, "a changed host key is not retried");
-    let mut accepting = machine.clone();
-    accepting.metadata.annotations =
-        Some([("machinist.dev/accept-host-key".to_string(), "SHA256:new".to_string())].into_iter().collect());
-    assert_eq!(plan(&ssh_input(&accepting)).step.map(|p| p.step), Some(Step::CheckSsh));
+    for later in [0, 1, 400] {
+        let again = plan(&ssh_input_at(&machine, at(later)));
+        assert_eq!(again.step, None, "the annotation names the previous key, not the one presented");
+        assert_eq!(Some(&again.status), machine.status.as_ref(), "no write at {later}s");
+    }
+}
+
+#[test]
+fn the_spec_fingerprint_is_the_only_trusted_key_of_a_generic_machine() {
+    use crate::reconcile::trusted_host_keys;
+    let generic = |fingerprint: Option<&str>| {
+        let mut machine = Machine::test().with_pinned_host_key(PINNED).accepting_host_key(PRESENTED);
+        machine.spec.driver = machinist_drivers::DriverSpec {
+            generic: Some(Box::new(machinist_drivers::generic::GenericConfig {
+                address: "192.0.2.10".into(),
+                host_key_fingerprint: fingerprint.map(str::to_string),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        machine
+    };
+    assert_eq!(trusted_host_keys(&generic(Some("SHA256:spec"))), ["SHA256:spec"]);
+    assert_eq!(trusted_host_keys(&generic(None)), [PINNED, PRESENTED]);
+    assert!(trusted_host_keys(&Machine::test().accepting_host_key(PRESENTED)).is_empty(), "first contact");
+}
+
+#[test]
+fn a_driver_login_that_meets_another_host_key_shows_error_once() {
+    let machine = was(State::Running)(Machine::test()).with_pinned_host_key(PINNED);
+    let error = DriverError::HostKeyMismatch {
+        target: "root@192.0.2.10:22".into(),
+        trusted: vec![PINNED.into()],
+        presented: PRESENTED.into(),
+    };
+    let input = ssh_observing(&machine, Observed::Failed(error.clone()));
+    let planned = plan(&input);
+    assert_eq!(planned.step, None);
+    assert_eq!(planned.status.state, Some(State::Error), "never Running");
+    assert_eq!(planned.status.phase, Some(Phase::Failed));
+    assert_eq!(cond(&planned.status, ConditionType::Ready), Some(("False", "HostKeyMismatch")));
+    assert_eq!(cond(&planned.status, ConditionType::SSHReady), Some(("False", "HostKeyMismatch")));
+    assert_eq!(planned.status.ssh.as_ref().and_then(|s| s.presented_host_key_fingerprint.as_deref()), Some(PRESENTED));
+    assert_eq!(warnings(&planned.notes), ["HostKeyMismatch"]);
+    // The next poll meets the same host: nothing to write, nothing to publish.
+    let machine = feed(&machine, &planned.status);
+    let again = plan(&ssh_observing(&machine, Observed::Failed(error)));
+    assert_eq!(Some(&again.status), machine.status.as_ref());
+    assert!(again.notes.is_empty(), "{:?}", again.notes);
+    assert_eq!(again.requeue, Some(SETTINGS.poll_interval));
+}
+
+#[test]
+fn deleting_a_machine_whose_host_key_changed_waits_and_says_what_to_do() {
+    let machine = was(State::Running)(Machine::test()).with_pinned_host_key(PINNED).deleting();
+    let error = DriverError::HostKeyMismatch {
+        target: "root@192.0.2.10:22".into(),
+        trusted: vec![PINNED.into()],
+        presented: PRESENTED.into(),
+    };
+    let input = input_at(&machine, instance(State::Running), now());
+    let cleanup = plan_cleanup(&input);
+    assert_eq!(cleanup.next, CleanupNext::Remove(PROVIDER_ID.into()));
+    let recorded = record_cleanup(&input, &cleanup, Outcome::Failed { operation: Operation::Remove, error });
+    assert!(matches!(recorded.next, CleanupNext::Wait(_)), "the finalizer stays");
+    assert_eq!(cond(&recorded.status, ConditionType::Deleting), Some(("True", "HostKeyMismatch")));
+    let text = message(&recorded.status, ConditionType::Deleting);
+    assert!(text.contains("machinist.dev/accept-host-key=SHA256:presented"), "{text}");
+    assert!(text.contains("deletionPolicy: Orphan"), "{text}");
+    // Held until the key is accepted (or the policy changes); then Remove again.
+    let machine = feed(&machine, &recorded.status);
+    let held = plan_cleanup(&input_at(&machine, instance(State::Running), at(86_400)));
+    assert_eq!(held.next, CleanupNext::Wait(None));
+    let accepted = machine.clone().accepting_host_key(PRESENTED);
+    let retried = plan_cleanup(&input_at(&accepted, instance(State::Running), now()));
+    assert_eq!(retried.next, CleanupNext::Remove(PROVIDER_ID.into()));
+}
+
+#[test]
+fn the_key_of_the_drivers_first_contact_is_pinned_at_create() {
+    let machine = Machine::test();
+    let input = Input { offers_ssh: true, ..input_at(&machine, Observed::NoInstance, now()) };
+    let planned = plan(&input);
+    let step = planned.step.clone().unwrap();
+    assert_eq!(step.step, Step::Create);
+    let after = Input { first_contact_host_key: Some("SHA256:first".into()), ..input.clone() };
+    let recorded = record(&after, &planned, &step, Outcome::Created(PROVIDER_ID.into()));
+    assert_eq!(recorded.status.ssh.as_ref().unwrap().host_key_fingerprint.as_deref(), Some("SHA256:first"));
+    assert!(recorded.notes.iter().any(|n| n.reason == "HostKeyPinned" && !n.warning));
+    // An existing pin is never replaced by a driver's first contact.
+    let pinned = was(State::Running)(Machine::test()).with_pinned_host_key(PINNED);
+    let observed = Input { first_contact_host_key: Some("SHA256:first".into()), ..ssh_input(&pinned) };
+    assert_eq!(plan(&observed).status.ssh.unwrap().host_key_fingerprint.as_deref(), Some(PINNED));
+}
+
+#[test]
+fn the_first_contact_says_how_its_host_key_was_trusted_and_waits_for_a_console() {
+    use crate::reconcile::HostKeyTrust;
+    let machine = was(State::Running)(Machine::test());
+    let planned = plan(&ssh_input(&machine));
+    let step = planned.step.clone().unwrap();
+    let waiting = record(&ssh_input(&machine), &planned, &step, Outcome::SshPending("waiting for the console".into()));
+    assert_eq!(cond(&waiting.status, ConditionType::SSHReady), Some(("Unknown", "WaitingForHostKeys")));
+    assert_eq!(waiting.status.failures, None, "waiting is no failure");
+    assert!(waiting.notes.is_empty());
+    let verified = HostKeyTrust::Verified { source: "the console output of i-0abc".into() };
+    let recorded = record(&ssh_input(&machine), &planned, &step, ready_with("SHA256:k", verified));
+    let text = message(&recorded.status, ConditionType::SSHReady);
+    assert!(text.contains("verified against the console output of i-0abc"), "{text}");
+    let trusted = HostKeyTrust::FirstContact { why: Some("the console shows no host keys".into()) };
+    let recorded = record(&ssh_input(&machine), &planned, &step, ready_with("SHA256:k", trusted));
+    let text = message(&recorded.status, ConditionType::SSHReady);
+    assert!(text.contains("trusted at first contact") && text.contains("no host keys"), "{text}");
+}
+
+#[test]
+fn a_noisy_provisioning_script_keeps_a_bounded_tail() {
+    use crate::reconcile::{OUTPUT_LINES, OUTPUT_MAX_BYTES, output_tail};
+    let many: String = (1..=500).map(|i| format!("line {i}\n")).collect();
+    let tail = output_tail(&many);
+    assert_eq!(tail.lines().count(), OUTPUT_LINES);
+    assert!(tail.ends_with("line 500") && tail.starts_with("line 481"), "{tail}");
+    let long = format!("{}THE END", "é".repeat(1_000_000));
+    let tail = output_tail(&long);
+    assert!(tail.len() <= OUTPUT_MAX_BYTES && tail.ends_with("THE END") && tail.starts_with('…'), "{}", tail.len());
+
+    let machine = was(State::Running)(Machine::test().with_provisioning("yes | head -c 5000000"))
+        .with_pinned_host_key(PINNED)
+        .with_status(|s| {
+            crate::api::set_condition(&mut s.conditions, ConditionType::SSHReady, true, "Ready", "", 1, now())
+        });
+    let planned = plan(&ssh_input(&machine));
+    let step = planned.step.clone().unwrap();
+    assert!(matches!(step.step, Step::Provision { .. }), "{step:?}");
+    let output = "y\n".repeat(2_500_000);
+    let recorded = record(&ssh_input(&machine), &planned, &step, Outcome::Provisioned { exit_status: Some(1), output });
+    let size = serde_json::to_string(&recorded.status).unwrap().len();
+    assert!(size < 16 * 1024, "the status stays small: {size} bytes");
+    let machine = feed(&machine, &recorded.status);
+    assert_eq!(plan(&ssh_input(&machine)).step, None, "a failed script is not rerun");
 }
 
 #[test]
@@ -2197,7 +2450,7 @@ fn ssh_ready_pins_the_host_key_and_provisioning_runs_once_per_script() {
     let planned = plan(&ssh_input(&machine));
     let step = planned.step.clone().unwrap();
     assert_eq!(step.step, Step::CheckSsh);
-    let ready = Outcome::SshReady { fingerprint: "SHA256:abc".into(), host: "h".into(), port: 22, user: "u".into() };
+    let ready = ready_with("SHA256:abc", crate::reconcile::HostKeyTrust::FirstContact { why: None });
     let recorded = record(&ssh_input(&machine), &planned, &step, ready);
     assert_eq!(recorded.status.ssh.as_ref().unwrap().host_key_fingerprint.as_deref(), Some("SHA256:abc"));
     let machine = feed(&machine, &recorded.status);
@@ -2226,4 +2479,8 @@ fn ssh_input_at(machine: &Machine, when: jiff::Timestamp) -> Input<'_> {
 
 fn ssh_input(machine: &Machine) -> Input<'_> {
     ssh_input_at(machine, now())
+}
+
+fn ssh_observing(machine: &Machine, observed: Observed) -> Input<'_> {
+    Input { offers_ssh: true, ..input_at(machine, observed, now()) }
 }

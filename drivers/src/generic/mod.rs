@@ -6,10 +6,17 @@
 //!
 //! machinist has no power control over such a host: Start, Stop and Kill are not
 //! supported; Restart runs the configured reboot command and waits for SSH to come back.
+//!
+//! Every bootstrap login checks the host key first: against
+//! `spec.driver.generic.hostKeyFingerprint` when set, else against the Machine's pinned
+//! key ([`MachineRef::trusted_host_keys`]). Before anything is pinned, the first contact
+//! is trusted and every later connection of the same driver is held to that key, which
+//! the controller then pins ([`Driver::first_contact_host_key`]).
 
 pub mod authorized_keys;
 mod config;
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -32,8 +39,6 @@ pub const PRIVATE_KEY_KEY: &str = "ssh-privatekey";
 /// The `credentialsSecretRef` key holding the bootstrap password.
 pub const PASSWORD_KEY: &str = "password";
 
-const HOST_KEY_FIELD: &str = "spec.driver.generic.hostKeyFingerprint";
-
 /// Connecting (and again logging in) for Create, Remove, find and Restart.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Connecting, logging in and running `true` for Status, each: Status must stay fast.
@@ -53,6 +58,10 @@ pub struct GenericDriver {
     auth: SshAuth,
     target: SshTarget,
     tag: String,
+    /// The host keys a login accepts; empty before anything is pinned.
+    trusted: Vec<String>,
+    /// The key seen at this driver's first contact, when nothing was trusted before.
+    first_contact: Mutex<Option<String>>,
 }
 
 impl GenericDriver {
@@ -69,7 +78,12 @@ impl GenericDriver {
         let auth = bootstrap_auth(credentials)?;
         let target = SshTarget::new(config.address.clone(), config.port(), config.user());
         let tag = authorized_keys::tag(&machine.uid);
-        Ok(GenericDriver { machine, config, auth, target, tag })
+        // The spec's fingerprint is the user's own word and wins over the pin.
+        let trusted = match &config.host_key_fingerprint {
+            Some(fingerprint) => vec![fingerprint.clone()],
+            None => machine.trusted_host_keys.clone(),
+        };
+        Ok(GenericDriver { machine, config, auth, target, tag, trusted, first_contact: Mutex::new(None) })
     }
 
     /// `generic://user@address:port`: the same for the same host, whoever asks.
@@ -81,16 +95,33 @@ impl GenericDriver {
         &self.target
     }
 
-    fn pinned(&self) -> Option<&str> {
-        self.config.host_key_fingerprint.as_deref()
+    /// The keys this connection must see: the trusted ones, else the one of this driver's
+    /// first contact, else none (this is the first contact).
+    fn trusted(&self) -> Vec<String> {
+        if !self.trusted.is_empty() {
+            return self.trusted.clone();
+        }
+        self.first_contact.lock().map(|seen| seen.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    fn remember_first_contact(&self, fingerprint: &str) {
+        if let Ok(mut seen) = self.first_contact.lock()
+            && self.trusted.is_empty()
+            && seen.is_none()
+        {
+            tracing::info!(ssh = %self.target, host_key = fingerprint, "generic: first contact, host key trusted");
+            *seen = Some(fingerprint.to_string());
+        }
     }
 
     fn driver_error(&self, error: &SshError) -> DriverError {
-        error.to_driver_error(CREDENTIALS_FIELD, HOST_KEY_FIELD)
+        error.to_driver_error(CREDENTIALS_FIELD)
     }
 
     async fn session(&self, timeout: Duration) -> Result<SshSession, SshError> {
-        ssh::connect(&self.target, &self.auth, self.pinned(), timeout).await
+        let session = ssh::connect(&self.target, &self.auth, &self.trusted(), timeout).await?;
+        self.remember_first_contact(session.host_key_fingerprint());
+        Ok(session)
     }
 
     /// Runs one of the `authorized_keys` scripts; a failure is Transient with its stderr.
@@ -350,9 +381,15 @@ impl Driver for GenericDriver {
 
     /// `Running` when the host answers SSH and accepts the bootstrap login, `Stopped`
     /// when SSH is refused, times out or drops, `Error` otherwise (the reason is logged).
+    /// A host presenting an untrusted key is `HostKeyMismatch`, an error.
     async fn status(&self, _id: &str) -> Result<State, DriverError> {
-        match ssh::check_ready_within(&self.target, &self.auth, self.pinned(), STATUS_TIMEOUT).await {
-            Ok(_) => Ok(State::Running),
+        match ssh::check_ready_within(&self.target, &self.auth, &self.trusted(), STATUS_TIMEOUT).await {
+            Ok(fingerprint) => {
+                self.remember_first_contact(&fingerprint);
+                Ok(State::Running)
+            }
+            // Whoever answers there is not the host: never Running, and said why.
+            Err(error @ SshError::HostKeyMismatch { .. }) => Err(self.driver_error(&error)),
             Err(
                 error @ (SshError::ConnectionRefused { .. }
                 | SshError::Timeout { .. }
@@ -375,5 +412,9 @@ impl Driver for GenericDriver {
 
     async fn ssh_endpoint(&self, _id: &str) -> Result<Option<SshEndpoint>, DriverError> {
         Ok(Some(SshEndpoint { host: self.target.host.clone(), port: self.target.port, user: self.target.user.clone() }))
+    }
+
+    fn first_contact_host_key(&self) -> Option<String> {
+        self.first_contact.lock().ok().and_then(|seen| seen.clone())
     }
 }

@@ -49,12 +49,14 @@ pub enum SshError {
          check the user and the credentials"
     )]
     AuthFailed { target: String, user: String, method: String, accepted: String },
+    /// The host presented a key that is none of the trusted ones; the connection ended
+    /// right after the key exchange, before any credential was offered.
     #[error(
-        "ssh {target}: the host key changed: pinned {expected}, the host presents {found}. The connection was \
-         refused before logging in. If the host was reinstalled or its key rotated on purpose, replace the pinned \
-         fingerprint with {found}; otherwise someone may be intercepting the connection"
+        "ssh {target}: the host presents the host key {found}, not the trusted {}; machinist disconnected before \
+         logging in (no credential was offered, no command ran)",
+        .trusted.join(" or ")
     )]
-    HostKeyMismatch { target: String, expected: String, found: String },
+    HostKeyMismatch { target: String, trusted: Vec<String>, found: String },
     #[error("ssh {target}: host unreachable: {message}")]
     Unreachable { target: String, message: String },
     #[error("ssh {target}: the connection was lost while {stage}{}", detail_suffix(message))]
@@ -103,15 +105,12 @@ impl SshError {
     }
 
     /// The [`DriverError`] for this failure. `credentials_field` names where the login
-    /// came from (e.g. `spec.credentialsSecretRef`, `spec.ssh.keySecretRef`);
-    /// `pinned_field` names where the pinned host key fingerprint lives (e.g.
-    /// `status.ssh.hostKeyFingerprint`).
+    /// came from (e.g. `spec.credentialsSecretRef`, `spec.ssh.keySecretRef`).
     ///
     /// Refused, timeout, unreachable, lost connection and protocol errors are
     /// `Transient`; a failed login is `InvalidConfig` naming the credentials; a changed
-    /// host key is `InvalidConfig` naming the pinned fingerprint, so it is not retried
-    /// until someone accepts the new key.
-    pub fn to_driver_error(&self, credentials_field: &str, pinned_field: &str) -> DriverError {
+    /// host key is `HostKeyMismatch`, not retried until someone accepts the new key.
+    pub fn to_driver_error(&self, credentials_field: &str) -> DriverError {
         match self {
             SshError::AuthFailed { target, user, method, accepted } => DriverError::invalid_config(
                 credentials_field,
@@ -120,15 +119,11 @@ impl SshError {
                      credentials (it accepts: {accepted}); fix the credentials or the user"
                 ),
             ),
-            SshError::HostKeyMismatch { target, expected, found } => DriverError::invalid_config(
-                pinned_field,
-                format!(
-                    "the SSH host key of {target} changed: pinned {expected}, the host now presents {found}; \
-                     machinist refused to log in. If the host was reinstalled or its key rotated on purpose, accept \
-                     the new key by setting {pinned_field} to {found} (or clearing it, to pin the key seen at the \
-                     next contact); otherwise someone may be intercepting the connection"
-                ),
-            ),
+            SshError::HostKeyMismatch { target, trusted, found } => DriverError::HostKeyMismatch {
+                target: target.clone(),
+                trusted: trusted.clone(),
+                presented: found.clone(),
+            },
             other => DriverError::transient(other.to_string()),
         }
     }

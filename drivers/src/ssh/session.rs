@@ -18,8 +18,9 @@ use super::{SecretString, SshError, SshPrivateKey, SshStage};
 /// not say ([`check_ready`](super::check_ready)).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The most output kept per stream of one command; the rest is read and dropped.
-pub const MAX_OUTPUT_BYTES: usize = 16 * 1024 * 1024;
+/// The most output kept per stream of one command: its end, where a failing command says
+/// why. What comes before is read and dropped.
+pub const MAX_OUTPUT_BYTES: usize = 1024 * 1024;
 
 /// Keepalives, so a connection to a host that vanished (no FIN, no RST) ends on its own.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
@@ -101,9 +102,9 @@ impl fmt::Debug for SshAuth {
 pub struct CommandOutput {
     pub exit_status: u32,
     pub exit_signal: Option<String>,
-    /// At most [`MAX_OUTPUT_BYTES`].
+    /// The last [`MAX_OUTPUT_BYTES`] at most.
     pub stdout: Vec<u8>,
-    /// At most [`MAX_OUTPUT_BYTES`].
+    /// The last [`MAX_OUTPUT_BYTES`] at most.
     pub stderr: Vec<u8>,
 }
 
@@ -161,17 +162,18 @@ impl fmt::Debug for SshSession {
 
 /// Connects to `target`, checks its host key and logs in with `auth`.
 ///
-/// With `pinned_host_key = Some("SHA256:...")`, a host presenting another key is refused
-/// before any credential is sent ([`SshError::HostKeyMismatch`]). With `None` (or an
-/// empty string), any key is accepted (first contact) and [`SshSession::host_key_fingerprint`] tells which, so the
-/// caller can pin it.
+/// `trusted` holds the host key fingerprints (`SHA256:...`) the host may present: a host
+/// presenting any other key is disconnected right after the key exchange, before any
+/// credential is offered ([`SshError::HostKeyMismatch`]). Empty: any key is accepted
+/// (first contact) and [`SshSession::host_key_fingerprint`] tells which, so the caller
+/// can pin it.
 ///
 /// `connect_timeout` bounds the TCP connection and key exchange, and then again the
 /// login.
 pub async fn connect(
     target: &SshTarget,
     auth: &SshAuth,
-    pinned_host_key: Option<&str>,
+    trusted: &[String],
     connect_timeout: Duration,
 ) -> Result<SshSession, SshError> {
     let name = target.to_string();
@@ -186,7 +188,7 @@ pub async fn connect(
     let seen = Arc::new(Mutex::new(None));
     let check = HostKeyCheck {
         target: name.clone(),
-        pinned: pinned_host_key.map(str::trim).filter(|p| !p.is_empty()).map(str::to_string),
+        trusted: trusted.iter().map(|t| t.trim()).filter(|t| !t.is_empty()).map(str::to_string).collect(),
         seen: Arc::clone(&seen),
     };
     let config = Arc::new(client::Config {
@@ -231,18 +233,18 @@ pub async fn connect(
 /// host answers SSH and accepts the login. Returns the host key fingerprint seen.
 /// Bounded by [`DEFAULT_CONNECT_TIMEOUT`] for the connection, again for the login and
 /// again for the command.
-pub async fn check_ready(target: &SshTarget, auth: &SshAuth, pinned: Option<&str>) -> Result<String, SshError> {
-    check_ready_within(target, auth, pinned, DEFAULT_CONNECT_TIMEOUT).await
+pub async fn check_ready(target: &SshTarget, auth: &SshAuth, trusted: &[String]) -> Result<String, SshError> {
+    check_ready_within(target, auth, trusted, DEFAULT_CONNECT_TIMEOUT).await
 }
 
 /// [`check_ready`] with another timeout for each step.
 pub async fn check_ready_within(
     target: &SshTarget,
     auth: &SshAuth,
-    pinned: Option<&str>,
+    trusted: &[String],
     step_timeout: Duration,
 ) -> Result<String, SshError> {
-    let session = connect(target, auth, pinned, step_timeout).await?;
+    let session = connect(target, auth, trusted, step_timeout).await?;
     let result = session.run("true", None, step_timeout).await;
     let fingerprint = session.host_key_fingerprint().to_string();
     session.close().await;
@@ -322,6 +324,8 @@ impl SshSession {
                     _ => {}
                 }
             }
+            keep_tail(&mut output.stdout, MAX_OUTPUT_BYTES);
+            keep_tail(&mut output.stderr, MAX_OUTPUT_BYTES);
             match exit {
                 Some((status, signal)) => {
                     output.exit_status = status;
@@ -360,9 +364,19 @@ async fn disconnect(handle: &Handle<HostKeyCheck>) {
     }
 }
 
+/// Adds `data`, dropping the start of the buffer when it grows past twice the limit (in
+/// batches, so a chatty command costs linear time).
 fn append(buffer: &mut Vec<u8>, data: &[u8]) {
-    let room = MAX_OUTPUT_BYTES.saturating_sub(buffer.len());
-    buffer.extend_from_slice(&data[..data.len().min(room)]);
+    buffer.extend_from_slice(data);
+    if buffer.len() > 2 * MAX_OUTPUT_BYTES {
+        keep_tail(buffer, MAX_OUTPUT_BYTES);
+    }
+}
+
+fn keep_tail(buffer: &mut Vec<u8>, max: usize) {
+    if buffer.len() > max {
+        buffer.drain(..buffer.len() - max);
+    }
 }
 
 /// A command for messages: its first line, at most 80 characters.
@@ -476,10 +490,11 @@ async fn authenticate(
     })
 }
 
-/// Checks the server's host key against the pinned fingerprint and records the one seen.
+/// Checks the server's host key against the trusted fingerprints and records the one seen.
 struct HostKeyCheck {
     target: String,
-    pinned: Option<String>,
+    /// Empty: first contact, any key.
+    trusted: Vec<String>,
     seen: Arc<Mutex<Option<String>>>,
 }
 
@@ -508,16 +523,17 @@ impl client::Handler for HostKeyCheck {
         if let Ok(mut seen) = self.seen.lock() {
             *seen = Some(found.clone());
         }
-        match &self.pinned {
-            Some(expected) if *expected != found => {
-                tracing::warn!(ssh = %self.target, %expected, %found, "ssh: host key mismatch, refusing to log in");
-                Err(HandlerError::HostKeyMismatch(SshError::HostKeyMismatch {
-                    target: self.target.clone(),
-                    expected: expected.clone(),
-                    found,
-                }))
-            }
-            _ => Ok(true),
+        if self.trusted.is_empty() || self.trusted.contains(&found) {
+            return Ok(true);
         }
+        let trusted = self.trusted.join(" or ");
+        tracing::warn!(ssh = %self.target, %trusted, %found, "ssh: host key mismatch, disconnecting before login");
+        // russh disconnects as soon as this check fails: before the first
+        // authentication request.
+        Err(HandlerError::HostKeyMismatch(SshError::HostKeyMismatch {
+            target: self.target.clone(),
+            trusted: self.trusted.clone(),
+            found,
+        }))
     }
 }

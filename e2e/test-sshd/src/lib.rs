@@ -148,7 +148,23 @@ impl TestSshd {
 
     /// How many logins the servers accepted so far.
     pub fn accepted_logins(&self) -> usize {
-        self.log().lines().filter(|l| l.starts_with("Accepted ")).count()
+        // VERBOSE also logs "Accepted key ... found at", before the login itself.
+        self.log().lines().filter(|l| l.starts_with("Accepted ") && !l.starts_with("Accepted key ")).count()
+    }
+
+    /// How many authentication requests the servers logged (accepted, failed or
+    /// postponed, any method): 0 for a client that disconnected right after the key
+    /// exchange. Needs `LogLevel VERBOSE`, which the config sets.
+    pub fn auth_attempts(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| {
+                (l.starts_with("Accepted ") && !l.starts_with("Accepted key "))
+                    || l.starts_with("Failed ")
+                    || l.starts_with("Postponed ")
+                    || l.starts_with("Invalid user ")
+            })
+            .count()
     }
 
     fn config_path(&self) -> PathBuf {
@@ -170,7 +186,7 @@ impl TestSshd {
              PrintMotd no\n\
              PrintLastLog no\n\
              LoginGraceTime 10\n\
-             LogLevel INFO\n",
+             LogLevel VERBOSE\n",
             port = self.port,
             host_key = self.host_key.display(),
         );
