@@ -5,10 +5,12 @@
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::types::{Filter, InstanceStateName, ResourceType, Tag, TagSpecification};
 use machinist_drivers::amazonec2::{
-    Amazonec2Config, CAPACITY_RETRY_AFTER, CredentialSource, Ec2Connector, Ec2Driver, SpotConfig,
-    THROTTLED_RETRY_AFTER, UID_TAG,
+    Amazonec2Config, CAPACITY_RETRY_AFTER, CONSOLE_HOST_KEYS_WAIT, CredentialSource, Ec2Connector, Ec2Driver,
+    SpotConfig, THROTTLED_RETRY_AFTER, UID_TAG,
 };
-use machinist_drivers::{AddressType, CreateRequest, Credentials, Driver, DriverError, MachineRef, Operation, State};
+use machinist_drivers::{
+    AddressType, CreateRequest, Credentials, Driver, DriverError, HostKeys, MachineRef, Operation, State,
+};
 use machinist_test_moto::{
     AMI, FAULT_REQUEST_ID, FaultProxy, Moto, REGION, SECRET_ACCESS_KEY, credentials_secret_data,
 };
@@ -495,4 +497,130 @@ async fn a_missing_permission_is_invalid_config_naming_the_credentials() {
     assert_eq!(field_of(&error), "spec.credentialsSecretRef");
     assert!(error.to_string().contains("UnauthorizedOperation"), "{error}");
     assert!(error.is_retryable(), "fixed in the Secret or the IAM policy, not the spec: retried");
+}
+
+// SSH host keys from the console, and loopback addresses, through the same proxy.
+
+/// What cloud-init prints on an Ubuntu AMI: each line behind `ec2: `, among boot noise.
+fn cloud_init_console(fingerprints: &[&str]) -> String {
+    let mut console = String::from(
+        "[    0.000000] Linux version 6.8.0-1019-aws (buildd@lcy02-amd64-034)\n\
+         [   12.345678] cloud-init[812]: Cloud-init v. 24.1.3 running 'modules:config'\n\
+         ec2: \n\
+         ec2: #############################################################\n\
+         ec2: -----BEGIN SSH HOST KEY FINGERPRINTS-----\n",
+    );
+    for (fingerprint, kind) in fingerprints.iter().zip(["ECDSA", "ED25519", "RSA"]) {
+        let bits = if kind == "RSA" { 3072 } else { 256 };
+        console.push_str(&format!("ec2: {bits} {fingerprint} root@ip-172-31-5-9 ({kind})\n"));
+    }
+    console.push_str(
+        "ec2: -----END SSH HOST KEY FINGERPRINTS-----\n\
+         ec2: #############################################################\n\
+         [   13.000001] cloud-init[812]: Cloud-init v. 24.1.3 finished\n",
+    );
+    console
+}
+
+const ECDSA: &str = "SHA256:Yx3bQm1fZ2w9kq2aB7cD8eF9gH0iJ1kL2mN3oP4qR5s";
+const ED25519: &str = "SHA256:9kq2Yx3bQm1fZ2w9aB7cD8eF9gH0iJ1kL2mN3oP4qR5";
+const RSA: &str = "SHA256:Qm1f+Z2w9kq2/aB7cD8eF9gH0iJ1kL2mN3oP4qR5sT6";
+
+#[tokio::test]
+async fn host_keys_are_the_fingerprints_cloud_init_printed_to_the_console() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto);
+    let d = driver("1f0c5c4e-7a6b-4b8e-9d51-000000000010", through(&proxy, &moto));
+    let id = d.create(&request()).await.unwrap();
+    proxy.console_output(&cloud_init_console(&[ECDSA, ED25519, RSA]));
+
+    assert_eq!(
+        d.host_keys(&id).await.unwrap(),
+        HostKeys::Known {
+            fingerprints: vec![ECDSA.into(), ED25519.into(), RSA.into()],
+            source: format!("the console output of {id}"),
+        }
+    );
+    assert_eq!(proxy.count("DescribeInstances"), 0, "the launch time matters only without fingerprints");
+
+    // Older cloud-init prints MD5 only: nothing to check against, and no use waiting.
+    proxy.console_output(
+        "ec2: -----BEGIN SSH HOST KEY FINGERPRINTS-----\n\
+         ec2: 2048 3f:1a:0c:5e:9b:77:aa:12:cd:34:ef:56:78:90:ab:cd /etc/ssh/ssh_host_rsa_key.pub (RSA)\n\
+         ec2: -----END SSH HOST KEY FINGERPRINTS-----\n",
+    );
+    match d.host_keys(&id).await.unwrap() {
+        HostKeys::Unavailable(message) => assert!(message.contains("MD5"), "{message}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_console_without_fingerprints_is_pending_right_after_launch() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto);
+    let d = driver("1f0c5c4e-7a6b-4b8e-9d51-000000000011", through(&proxy, &moto));
+    let id = d.create(&request()).await.unwrap();
+
+    // moto's console: a kernel log without cloud-init, as an instance still booting shows.
+    match d.host_keys(&id).await.unwrap() {
+        HostKeys::Pending(message) => {
+            assert_eq!(
+                message,
+                format!(
+                    "waiting for {id} to print its SSH host key fingerprints to its console (cloud-init), up to {} \
+                     min after launch",
+                    CONSOLE_HOST_KEYS_WAIT.as_secs() / 60
+                )
+            );
+        }
+        other => panic!("expected Pending, got {other:?}"),
+    }
+    // An empty console is no different.
+    proxy.console_output("");
+    assert!(matches!(d.host_keys(&id).await.unwrap(), HostKeys::Pending(_)));
+}
+
+#[tokio::test]
+async fn a_console_without_fingerprints_long_after_launch_is_unavailable() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto);
+    let d = driver("1f0c5c4e-7a6b-4b8e-9d51-000000000012", through(&proxy, &moto));
+    let id = d.create(&request()).await.unwrap();
+    // Launched long before CONSOLE_HOST_KEYS_WAIT, as far as the driver can tell.
+    proxy.rewrite_launch_time("2020-01-01T00:00:00.000Z");
+
+    match d.host_keys(&id).await.unwrap() {
+        HostKeys::Unavailable(message) => {
+            assert!(message.starts_with(&format!("the console output of {id} shows no SSH host key")), "{message}");
+            assert!(message.contains("without cloud-init"), "{message}");
+            assert!(message.ends_with("the first SSH contact is trusted"), "{message}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+
+    let error = d.host_keys("i-0123456789abcdef0").await.unwrap_err();
+    assert_eq!(error.reason(), "NotFound", "{error}");
+    assert!(error.to_string().contains("EC2 GetConsoleOutput: InvalidInstanceID.NotFound: "), "{error}");
+}
+
+#[tokio::test]
+async fn rewritten_addresses_keep_ssh_on_loopback() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto);
+    proxy.rewrite_addresses("127.0.0.1");
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-000000000013";
+    let id = driver(uid, through(&proxy, &moto)).create(&request()).await.unwrap();
+
+    for private in [None, Some(true)] {
+        let d = driver(uid, Amazonec2Config { use_private_address: private, ..through(&proxy, &moto) });
+        let addresses = d.addresses(&id).await.unwrap();
+        assert!(addresses.len() >= 2, "{addresses:?}");
+        assert!(addresses.iter().all(|a| a.address == "127.0.0.1"), "{addresses:?}");
+        let endpoint = d.ssh_endpoint(&id).await.unwrap().unwrap();
+        assert_eq!((endpoint.host.as_str(), endpoint.port), ("127.0.0.1", 22));
+    }
+    // moto itself still has its own addresses: only what passes the proxy is rewritten.
+    let i = instance(&ec2(&moto).await, &id).await;
+    assert_ne!(i.private_ip_address(), Some("127.0.0.1"));
 }

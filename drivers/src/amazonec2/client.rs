@@ -48,14 +48,31 @@ impl Default for Ec2Connector {
     }
 }
 
-/// Where a driver's credentials come from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where a driver's credentials come from. `Debug` shows the access key id's prefix
+/// (`AKIA`: long-term, `ASIA`: temporary) and never the secret key or session token.
+#[derive(Clone, PartialEq, Eq)]
 pub enum CredentialSource {
     /// Access keys from the Machine's `credentialsSecretRef`.
     Secret { access_key_id: String, secret_access_key: String, session_token: Option<String> },
     /// The controller's own identity: environment, web identity (IRSA), EKS Pod Identity,
     /// instance profile.
     DefaultChain,
+}
+
+impl std::fmt::Debug for CredentialSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CredentialSource::Secret { access_key_id, secret_access_key: _, session_token } => {
+                let prefix: String = access_key_id.chars().take(4).collect();
+                f.debug_struct("Secret")
+                    .field("access_key_id", &format_args!("{prefix}..."))
+                    .field("secret_access_key", &format_args!("<redacted>"))
+                    .field("session_token", &session_token.as_ref().map(|_| format_args!("<redacted>")))
+                    .finish()
+            }
+            CredentialSource::DefaultChain => f.write_str("DefaultChain"),
+        }
+    }
 }
 
 impl CredentialSource {
@@ -201,6 +218,22 @@ mod tests {
                 session_token: None
             }
         );
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret_key_or_session_token() {
+        let source = CredentialSource::Secret {
+            access_key_id: "AKIAIOSFODNN7EXAMPLE".into(),
+            secret_access_key: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY".into(),
+            session_token: Some("FwoGZXIvYXdzEXAMPLETOKEN".into()),
+        };
+        for text in [format!("{source:?}"), format!("{source:#?}")] {
+            assert!(text.contains("AKIA..."), "{text}");
+            for secret in ["wJalrXUtnFEMI", "FwoGZXIvYXdzEXAMPLETOKEN", "IOSFODNN7EXAMPLE"] {
+                assert!(!text.contains(secret), "{text}");
+            }
+        }
+        assert_eq!(format!("{:?}", CredentialSource::DefaultChain), "DefaultChain");
     }
 
     #[test]

@@ -10,9 +10,10 @@
 
 mod client;
 mod config;
+mod console;
 mod errors;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use aws_sdk_ec2::types::{
@@ -34,7 +35,7 @@ pub use config::{
 pub use errors::{AwsError, CAPACITY_RETRY_AFTER, QUOTA_RETRY_AFTER, THROTTLED_RETRY_AFTER};
 
 use crate::{
-    Address, AddressType, CreateRequest, Credentials, Driver, DriverError, Instance, MachineRef, Operation,
+    Address, AddressType, CreateRequest, Credentials, Driver, DriverError, HostKeys, Instance, MachineRef, Operation,
     SshEndpoint, State,
 };
 
@@ -51,6 +52,10 @@ const TERMINATE_WAIT: Duration = Duration::from_secs(240);
 const DEPENDENCY_WAIT: Duration = Duration::from_secs(180);
 const POLL_FIRST: Duration = Duration::from_millis(500);
 const POLL_MAX: Duration = Duration::from_secs(10);
+/// How long after launch an instance's console may still lack cloud-init's SSH host key
+/// fingerprints: EC2 posts console output in batches, minutes after boot. Past it, the
+/// image is taken to have no cloud-init and the first SSH contact is trusted.
+pub const CONSOLE_HOST_KEYS_WAIT: Duration = Duration::from_secs(300);
 /// The states of an instance that exists for good (not shutting down or terminated).
 const LIVE_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
 
@@ -560,6 +565,15 @@ pub fn state_of(name: Option<&InstanceStateName>) -> State {
     }
 }
 
+/// GetConsoleOutput's `output`: base64 of what the instance wrote, not necessarily UTF-8.
+fn decode_console(encoded: &str) -> Result<String, DriverError> {
+    let compact: String = encoded.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let bytes = base64::engine::general_purpose::STANDARD.decode(compact).map_err(|e| {
+        DriverError::transient(format!("EC2 GetConsoleOutput answered with console output that is not base64: {e}"))
+    })?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 fn instance_state(instance: &aws_sdk_ec2::types::Instance) -> State {
     state_of(instance.state().and_then(|s| s.name()))
 }
@@ -704,6 +718,56 @@ impl Driver for Ec2Driver {
         push(AddressType::Hostname, instance.public_dns_name());
         push(AddressType::Hostname, instance.private_dns_name());
         Ok(addresses)
+    }
+
+    /// From the fingerprints cloud-init prints to the console at boot: the console is
+    /// written by the instance and read over the EC2 API, not over the network SSH uses.
+    async fn host_keys(&self, id: &str) -> Result<HostKeys, DriverError> {
+        let out = self
+            .ec2()
+            .await
+            .get_console_output()
+            .instance_id(id)
+            .send()
+            .await
+            .map_err(|e| self.error(AwsError::from_sdk("GetConsoleOutput", e)))?;
+        let console = match out.output() {
+            Some(encoded) => decode_console(encoded)?,
+            None => String::new(),
+        };
+        match console::host_key_fingerprints(&console) {
+            Some(fingerprints) if !fingerprints.is_empty() => {
+                Ok(HostKeys::Known { fingerprints, source: format!("the console output of {id}") })
+            }
+            // The same cloud-init prints the same way at every boot: waiting cannot help.
+            Some(_) => Ok(HostKeys::Unavailable(format!(
+                "the console output of {id} shows cloud-init's SSH host key fingerprints in MD5 only, which \
+                 machinist does not check against; the first SSH contact is trusted"
+            ))),
+            None => {
+                let Some(instance) = self.describe(id).await? else {
+                    return Err(DriverError::NotFound { message: format!("instance {id} does not exist") });
+                };
+                let minutes = CONSOLE_HOST_KEYS_WAIT.as_secs() / 60;
+                // A launch time ahead of our clock (skew) is recent; none at all (EC2
+                // always sends one) counts as long ago.
+                let waited = instance
+                    .launch_time()
+                    .and_then(|t| SystemTime::try_from(*t).ok())
+                    .is_none_or(|t| SystemTime::now().duration_since(t).is_ok_and(|age| age >= CONSOLE_HOST_KEYS_WAIT));
+                Ok(if waited {
+                    HostKeys::Unavailable(format!(
+                        "the console output of {id} shows no SSH host key fingerprints from cloud-init {minutes} min \
+                         after launch (an AMI without cloud-init?), so the first SSH contact is trusted"
+                    ))
+                } else {
+                    HostKeys::Pending(format!(
+                        "waiting for {id} to print its SSH host key fingerprints to its console (cloud-init), up \
+                         to {minutes} min after launch"
+                    ))
+                })
+            }
+        }
     }
 
     async fn ssh_endpoint(&self, id: &str) -> Result<Option<SshEndpoint>, DriverError> {

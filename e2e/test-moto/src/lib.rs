@@ -135,7 +135,11 @@ fn moto_server() -> PathBuf {
 
 /// A proxy in front of moto that answers chosen EC2 actions with an error of EC2's own
 /// wire format, for what moto never says (throttling, no capacity, a security group
-/// still in use). Everything else goes through to moto unchanged.
+/// still in use), and on request edits moto's answers: a console output of the test's
+/// own ([`console_output`](Self::console_output)), loopback addresses for every instance
+/// ([`rewrite_addresses`](Self::rewrite_addresses)), a launch time long ago
+/// ([`rewrite_launch_time`](Self::rewrite_launch_time)). Everything else goes through to
+/// moto unchanged.
 pub struct FaultProxy {
     address: SocketAddr,
     state: std::sync::Arc<std::sync::Mutex<FaultState>>,
@@ -146,7 +150,26 @@ struct FaultState {
     faults: Vec<Fault>,
     /// Every action that reached the proxy, in order.
     seen: Vec<String>,
+    /// The console text GetConsoleOutput answers with, instead of moto's sample.
+    console: Option<String>,
+    /// The address every IPv4 address and DNS name in moto's answers is replaced with.
+    address: Option<String>,
+    /// The launch time every instance in moto's answers is given.
+    launch_time: Option<String>,
 }
+
+/// The elements of moto's answers that hold an instance's IPv4 addresses (instance,
+/// network interface, association) or DNS names.
+const ADDRESS_ELEMENTS: [&str; 8] = [
+    "ipAddress",
+    "privateIpAddress",
+    "publicIp",
+    "carrierIp",
+    "customerOwnedIp",
+    "dnsName",
+    "privateDnsName",
+    "publicDnsName",
+];
 
 struct Fault {
     action: String,
@@ -198,6 +221,29 @@ impl FaultProxy {
     /// How many requests for `action` reached the proxy.
     pub fn count(&self, action: &str) -> usize {
         self.state.lock().unwrap().seen.iter().filter(|a| *a == action).count()
+    }
+
+    /// From now on GetConsoleOutput shows `text` as every instance's console (moto's own
+    /// is a fixed kernel log without cloud-init). moto still answers the call, so an
+    /// unknown instance is still `InvalidInstanceID.NotFound`; the proxy puts `text`,
+    /// base64-encoded as EC2 sends it, in the answer's `<output>`.
+    pub fn console_output(&self, text: &str) {
+        self.state.lock().unwrap().console = Some(text.to_string());
+    }
+
+    /// From now on every IPv4 address and DNS name of an instance in moto's answers
+    /// (`ipAddress`, `privateIpAddress`, `publicIp`, `dnsName`, ..., also those of its
+    /// network interfaces) reads `ip`, e.g. `"127.0.0.1"`: moto makes up 10.x and public
+    /// addresses, and tests must connect to loopback only. Empty elements stay empty.
+    pub fn rewrite_addresses(&self, ip: &str) {
+        self.state.lock().unwrap().address = Some(ip.to_string());
+    }
+
+    /// From now on every instance in moto's answers was launched at `time`, in EC2's
+    /// format (e.g. `"2020-01-01T00:00:00.000Z"`): moto's is when RunInstances ran, and a
+    /// test cannot wait for an instance to get old.
+    pub fn rewrite_launch_time(&self, time: &str) {
+        self.state.lock().unwrap().launch_time = Some(time.to_string());
     }
 }
 
@@ -267,5 +313,117 @@ fn serve(mut client: TcpStream, upstream: SocketAddr, state: &std::sync::Mutex<F
     server.write_all(&request[head_end..])?;
     let mut response = Vec::new();
     server.read_to_end(&mut response)?;
+    let edits = {
+        let state = state.lock().unwrap();
+        let mut edits: Vec<(&str, String)> = Vec::new();
+        if let Some(text) = state.console.as_ref().filter(|_| action == "GetConsoleOutput") {
+            edits.push(("output", base64(text.as_bytes())));
+        }
+        if let Some(ip) = &state.address {
+            edits.extend(ADDRESS_ELEMENTS.map(|element| (element, ip.clone())));
+        }
+        if let Some(time) = &state.launch_time {
+            edits.push(("launchTime", time.clone()));
+        }
+        edits
+    };
+    if !edits.is_empty() {
+        response = edit(&response, &edits);
+    }
     client.write_all(&response)
+}
+
+/// An HTTP response from moto with the text of each named XML element replaced, when it
+/// is a success (errors pass unchanged), and its Content-Length set to match.
+fn edit(response: &[u8], edits: &[(&str, String)]) -> Vec<u8> {
+    let Some(head_end) = response.windows(4).position(|w| w == b"\r\n\r\n") else { return response.to_vec() };
+    let head = String::from_utf8_lossy(&response[..head_end]);
+    if !head.starts_with("HTTP/1.1 200") {
+        return response.to_vec();
+    }
+    let mut body = String::from_utf8_lossy(&response[head_end + 4..]).into_owned();
+    for (element, value) in edits {
+        body = replace_text(&body, element, value);
+    }
+    let mut out: String = head
+        .lines()
+        .filter(|l| !l.to_ascii_lowercase().starts_with("content-length:"))
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    out.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    out.into_bytes()
+}
+
+/// `xml` with the text of every `<element>...</element>` replaced by `value`.
+fn replace_text(xml: &str, element: &str, value: &str) -> String {
+    let (open, close) = (format!("<{element}>"), format!("</{element}>"));
+    let mut out = String::with_capacity(xml.len());
+    let mut rest = xml;
+    while let Some(start) = rest.find(&open) {
+        let text = start + open.len();
+        let Some(end) = rest[text..].find(&close) else { break };
+        out.push_str(&rest[..text]);
+        out.push_str(value);
+        rest = &rest[text + end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Standard base64 with padding, as EC2 encodes console output (this crate has no
+/// dependencies, and this is all it needs).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_pads_as_the_standard_says() {
+        let cases =
+            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("ec2: \n", "ZWMyOiAK")];
+        for (raw, encoded) in cases {
+            assert_eq!(base64(raw.as_bytes()), encoded, "{raw:?}");
+        }
+        assert_eq!(base64(&[0xff, 0xfe, 0xfd]), "//79");
+    }
+
+    #[test]
+    fn element_text_is_replaced_everywhere_and_empty_elements_stay() {
+        let xml = "<a><ipAddress>54.1.2.3</ipAddress><privateIpAddress>10.0.0.1</privateIpAddress>\
+                   <item><privateIpAddress>10.0.0.1</privateIpAddress></item><ipAddress/></a>";
+        let edited = replace_text(&replace_text(xml, "ipAddress", "127.0.0.1"), "privateIpAddress", "127.0.0.1");
+        assert_eq!(
+            edited,
+            "<a><ipAddress>127.0.0.1</ipAddress><privateIpAddress>127.0.0.1</privateIpAddress>\
+             <item><privateIpAddress>127.0.0.1</privateIpAddress></item><ipAddress/></a>"
+        );
+    }
+
+    #[test]
+    fn only_successful_answers_are_edited_and_their_length_follows() {
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: 35\r\n\r\n<x><publicIp>1.2.3.4</publicIp></x>";
+        let edited = String::from_utf8(edit(ok, &[("publicIp", "127.0.0.1".into())])).unwrap();
+        let body = "<x><publicIp>127.0.0.1</publicIp></x>";
+        assert_eq!(
+            edited,
+            format!("HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        );
+        let error = b"HTTP/1.1 400 BAD REQUEST\r\nContent-Length: 3\r\n\r\n<e>";
+        assert_eq!(edit(error, &[("publicIp", "127.0.0.1".into())]), error.to_vec());
+    }
 }
