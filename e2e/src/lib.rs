@@ -354,6 +354,24 @@ impl Env {
         Ok(())
     }
 
+    /// Fails unless the Machine's resourceVersion stays the same for `window`: nothing
+    /// writes it (no status loop). Returns the Machine as it held.
+    pub async fn unchanged_for(&self, name: &str, window: Duration) -> Result<Machine> {
+        let before = self.get(name).await?;
+        tokio::time::sleep(window).await;
+        let after = self.get(name).await?;
+        if before.resource_version() != after.resource_version() {
+            bail!(
+                "machine/{name} was written during a {window:?} window that should be idle: resourceVersion {:?} -> \
+                 {:?}; now: {}",
+                before.resource_version(),
+                after.resource_version(),
+                describe(&after)
+            );
+        }
+        Ok(after)
+    }
+
     /// The Events about a Machine, oldest first.
     pub async fn events(&self, name: &str) -> Result<Vec<Event>> {
         let events: Api<Event> = Api::namespaced(self.client.clone(), &self.namespace);

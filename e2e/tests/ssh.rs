@@ -118,6 +118,10 @@ async fn generic_machine_over_ssh_end_to_end() -> Result<()> {
         .await?;
     ensure_eq(condition(&accepted, ConditionType::SSHReady).unwrap().status.as_str(), "True", "SSHReady")?;
     env.wait_event("host", "HostKeyAccepted").await?;
+    env.wait_for("host", "without the consumed annotation", Duration::from_secs(30), |m| {
+        !m.annotations().contains_key("machinist.dev/accept-host-key")
+    })
+    .await?;
     ensure_eq(std::fs::read_to_string(&marker)?.lines().count(), 2, "provisioning reruns when the script changes")?;
 
     // Remove takes out exactly the Machine's key and leaves the host.

@@ -170,7 +170,7 @@ fn machine_ref(machine: &Machine) -> MachineRef {
 /// Removes the accept annotation once its key is pinned: it accepted exactly one key and
 /// must not accept a later one.
 async fn consume_accept_annotation(api: &Api<Machine>, machine: &Machine, status: &MachineStatus) -> Result<(), Error> {
-    if !reconcile::accept_annotation_consumed(machine, status) {
+    if !reconcile::accept_annotation_consumed(machine, machine.status.as_ref(), status) {
         return Ok(());
     }
     let patch = serde_json::json!({ "metadata": { "annotations": { ACCEPT_HOST_KEY_ANNOTATION: null } } });

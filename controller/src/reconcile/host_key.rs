@@ -72,20 +72,19 @@ pub(super) fn acceptance_pending(before: &MachineStatus, machine: &Machine) -> b
         && presented == accept_annotation(machine)
 }
 
-/// Whether the accept annotation has done its work (its key is pinned): the controller
-/// then removes it, so that it can never accept a later key.
-pub fn accept_annotation_consumed(machine: &Machine, status: &MachineStatus) -> bool {
-    accept_annotation(machine).is_some_and(|accepted| pinned(Some(status)) == Some(accepted))
+/// Whether the accept annotation has just done its work (its key replaced the pin from
+/// `before` to `after`): the controller then removes it, so that it can never accept a
+/// later key. An annotation that accepted nothing is left as the user wrote it.
+pub fn accept_annotation_consumed(machine: &Machine, before: Option<&MachineStatus>, after: &MachineStatus) -> bool {
+    let now = pinned(Some(after));
+    accept_annotation(machine).is_some_and(|accepted| now == Some(accepted) && pinned(before) != now)
 }
 
 /// What the user can do about a host presenting `presented`, for the condition message.
 pub(super) fn mismatch_advice(machine: &Machine, presented: &str) -> String {
+    // Nothing here depends on the accept annotation: a value that does not match changes
+    // nothing, not even this message.
     let mut advice = String::new();
-    if let Some(accepted) = accept_annotation(machine).filter(|a| *a != presented) {
-        advice.push_str(&format!(
-            "The {ACCEPT_HOST_KEY_ANNOTATION} annotation names {accepted}, which the host does not present. "
-        ));
-    }
     if spec_fingerprint(machine).is_some() {
         advice.push_str(&format!(
             "If the host was reinstalled or its key rotated on purpose, set spec.driver.generic.hostKeyFingerprint \

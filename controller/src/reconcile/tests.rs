@@ -2289,8 +2289,12 @@ fn accepting_exactly_the_presented_key_pins_it_once_and_consumes_the_annotation(
     assert_eq!(accepted.len(), 1);
     assert!(!accepted[0].warning, "a Normal Event");
     assert!(accepted[0].message.contains(PRESENTED) && accepted[0].message.contains(PINNED), "{}", accepted[0].message);
-    assert!(accept_annotation_consumed(&machine, &recorded.status), "the controller removes the annotation");
-    assert!(!accept_annotation_consumed(&machine, machine.status.as_ref().unwrap()), "not before it is pinned");
+    let before = machine.status.as_ref();
+    assert!(accept_annotation_consumed(&machine, before, &recorded.status), "the controller removes the annotation");
+    assert!(!accept_annotation_consumed(&machine, before, before.unwrap()), "not before it is pinned");
+    // An annotation naming the key already pinned accepted nothing: it stays as written.
+    let stale = feed(&machine, &recorded.status);
+    assert!(!accept_annotation_consumed(&stale, stale.status.as_ref(), &recorded.status));
 }
 
 #[test]
