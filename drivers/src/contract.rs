@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use schemars::JsonSchema;
@@ -113,6 +114,13 @@ pub struct MachineRef {
     pub uid: String,
     pub name: String,
     pub namespace: String,
+    /// When the controller recorded the instance id (from Create or adoption), if it has
+    /// one. A provider whose reads are eventually consistent (EC2) answers NotFound for a
+    /// fresh id for a while: a driver reads NotFound for a younger id as "not visible
+    /// yet", never as "gone".
+    pub instance_recorded: Option<SystemTime>,
+    /// When the Machine was created, for waits bounded from its start (IAM propagation).
+    pub created: Option<SystemTime>,
     /// The SSH host keys (`SHA256:...` fingerprints) the Machine's host is trusted to
     /// present: the pinned one, and one the user accepted. Empty before the first contact.
     /// A driver that logs in to the host itself disconnects from a host presenting any
@@ -160,6 +168,17 @@ pub enum HostKeys {
     /// keys; the host must present one of them. `source` names where they come from
     /// (e.g. "the console output of i-0abc").
     Known { fingerprints: Vec<String>, source: String },
+}
+
+/// What a call to [`Driver::remove`] achieved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// The instance and everything created for it are gone.
+    Done,
+    /// Removal is under way at the provider (an instance still terminating, a firewall
+    /// group still held by it): nothing to wait for inside the call; call Remove again
+    /// later. Says what it waits for, e.g. "waiting for i-0abc to terminate (shutting-down)".
+    Waiting(String),
 }
 
 /// An instance found by [`Driver::find`].
@@ -211,14 +230,17 @@ pub trait Driver: Send + Sync {
     /// provider has assigned one. Callers look for an existing instance first.
     async fn create(&self, request: &CreateRequest) -> Result<String, DriverError>;
 
-    /// Removes the instance and everything created for it. A missing instance is done.
-    async fn remove(&self, id: &str) -> Result<(), DriverError>;
+    /// Removes the instance and everything created for it, or starts to and says what is
+    /// left ([`Removal::Waiting`]): a call never waits on the provider beyond one round
+    /// of requests. A missing instance is done (but see
+    /// [`MachineRef::instance_recorded`]).
+    async fn remove(&self, id: &str) -> Result<Removal, DriverError>;
 
     /// Removes what Create made for this Machine when no instance exists: a Create that
     /// failed after making a key pair or a firewall rule, or was interrupted. Called when a
     /// Machine without an instance is deleted.
-    async fn remove_leftovers(&self) -> Result<(), DriverError> {
-        Ok(())
+    async fn remove_leftovers(&self) -> Result<Removal, DriverError> {
+        Ok(Removal::Done)
     }
 
     async fn start(&self, id: &str) -> Result<(), DriverError>;

@@ -21,8 +21,8 @@ mod registry;
 pub mod ssh;
 
 pub use contract::{
-    Address, AddressType, CreateRequest, Credentials, Driver, HostKeys, Instance, MachineRef, Operation, SshEndpoint,
-    State,
+    Address, AddressType, CreateRequest, Credentials, Driver, HostKeys, Instance, MachineRef, Operation, Removal,
+    SshEndpoint, State,
 };
 pub use error::{CREDENTIALS_FIELD, DriverError};
 pub use registry::{DriverConfig, DriverSpec, Drivers};

@@ -12,7 +12,9 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::{Api, Client, Resource, ResourceExt};
-use machinist_drivers::{CreateRequest, Credentials, Driver, DriverError, Drivers, MachineRef, Operation, State};
+use machinist_drivers::{
+    CreateRequest, Credentials, Driver, DriverError, Drivers, MachineRef, Operation, Removal, State,
+};
 use tracing::{debug, info, instrument, warn};
 
 use super::events::EventNote;
@@ -163,6 +165,8 @@ fn machine_ref(machine: &Machine) -> MachineRef {
         uid: machine.uid().unwrap_or_default(),
         name: machine.name_any(),
         namespace: machine.namespace().unwrap_or_default(),
+        instance_recorded: reconcile::instance_recorded(machine).map(std::time::SystemTime::from),
+        created: machine.metadata.creation_timestamp.as_ref().map(|t| std::time::SystemTime::from(t.0)),
         trusted_host_keys: reconcile::trusted_host_keys(machine),
     }
 }
@@ -258,10 +262,7 @@ async fn cleanup(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result
         // No instance: only what a failed or interrupted Create may have left. A quick
         // call, so the status changes only if it fails.
         (CleanupNext::RemoveLeftovers, Some(driver)) => {
-            let outcome = match call(ctx, driver.as_ref(), Operation::Remove, driver.remove_leftovers()).await {
-                Ok(()) => Outcome::Succeeded,
-                Err(error) => Outcome::Failed { operation: Operation::Remove, error },
-            };
+            let outcome = removal(call(ctx, driver.as_ref(), Operation::Remove, driver.remove_leftovers()).await);
             let after = Input { now: now(), ..input };
             let recorded = reconcile::record_cleanup(&after, &plan, outcome);
             publish(ctx, machine, &plan.notes).await;
@@ -292,10 +293,7 @@ async fn cleanup(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result
             publish(ctx, machine, &plan.notes).await;
             shown = Some(&plan.status);
             info!(provider_id = id, "removing the instance");
-            match call(ctx, driver.as_ref(), Operation::Remove, driver.remove(&id)).await {
-                Ok(()) => Outcome::Succeeded,
-                Err(error) => Outcome::Failed { operation: Operation::Remove, error },
-            }
+            removal(call(ctx, driver.as_ref(), Operation::Remove, driver.remove(&id)).await)
         }
         // Observing failed before a driver could be built (e.g. the credentials Secret
         // cannot be read): Remove cannot be called and fails for that reason.
@@ -320,6 +318,14 @@ async fn cleanup(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result
             ctx.written.forget(machine);
             Ok(Action::await_change())
         }
+    }
+}
+
+fn removal(result: Result<Removal, DriverError>) -> Outcome {
+    match result {
+        Ok(Removal::Done) => Outcome::Succeeded,
+        Ok(Removal::Waiting(what)) => Outcome::RemovalWaiting(what),
+        Err(error) => Outcome::Failed { operation: Operation::Remove, error },
     }
 }
 
@@ -469,7 +475,7 @@ async fn perform(
             Ok(()) => done(call(ctx, driver, Operation::Start, driver.start(id)).await, Operation::Start),
             Err(error) => Outcome::Failed { operation: Operation::Kill, error },
         },
-        Step::Remove => done(call(ctx, driver, Operation::Remove, driver.remove(id)).await, Operation::Remove),
+        Step::Remove => removal(call(ctx, driver, Operation::Remove, driver.remove(id)).await),
         Step::CheckSsh | Step::Provision { .. } => {
             let Some(key) = key else {
                 return Outcome::SshFailed(crate::reconcile::SshFailure {

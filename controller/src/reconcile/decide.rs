@@ -558,6 +558,8 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
             notes.push(Note::normal("SSHReady", "CheckSSH", message));
             Plan { status, step: None, requeue: progress, notes }
         }
+        // Remove belongs to deletion (`record_cleanup`); nothing to fold in here.
+        Outcome::RemovalWaiting(_) => Plan { status, step: None, requeue: progress, notes },
         Outcome::SshPending(message) => {
             let mut c = conditions(&mut status, machine, now);
             c.unknown(ConditionType::SSHReady, "WaitingForHostKeys", message);

@@ -4,8 +4,14 @@ use super::summary::{
     condition_is, conditions, error_reason, held_back, last_operation, observation_retry_pending, record_failure,
 };
 use super::{CleanupNext, CleanupPlan, Input, Note, Observed, Outcome};
-use crate::api::{ConditionType, DeletionPolicy, OperationResult, Phase};
+use crate::api::{ConditionType, DeletionPolicy, OperationResult, Phase, get_condition};
 use machinist_drivers::{Operation, State};
+
+/// How often a removal under way at the provider is looked at again: terminating an
+/// instance takes tens of seconds, so a fifth of the progress rate.
+fn removal_poll(settings: &super::Settings) -> std::time::Duration {
+    settings.progress_interval.saturating_mul(5)
+}
 
 pub fn plan_cleanup(input: &Input<'_>) -> CleanupPlan {
     let machine = input.machine;
@@ -45,7 +51,12 @@ pub fn plan_cleanup(input: &Input<'_>) -> CleanupPlan {
 
     let known = before.provider_id.clone();
     let next = match (&input.observed, known) {
-        // Remove needs only the id: with a known one, try even if observing failed.
+        // Remove needs only the id: with a known one, try even if observing failed, and
+        // even if the driver reports it gone (an eventually consistent read proves
+        // nothing; Remove's own answer does).
+        (Observed::Instance { state: State::NotFound, id, .. }, Some(known)) if *id == known => {
+            CleanupNext::Remove(known)
+        }
         (Observed::Instance { state: State::NotFound, id, .. }, _) => {
             notes.push(Note::normal("Removed", "Remove", format!("instance {id} is already gone")));
             CleanupNext::RemoveLeftovers
@@ -92,7 +103,19 @@ pub fn plan_cleanup(input: &Input<'_>) -> CleanupPlan {
         return CleanupPlan { status, next: CleanupNext::Wait(wait), notes };
     }
     match &next {
-        CleanupNext::Remove(id) => c.set(ConditionType::Deleting, true, "Removing", format!("removing instance {id}")),
+        CleanupNext::Remove(id) => {
+            // Looking again at a removal under way keeps what it said it waits for: the
+            // status changes only when the provider's answer does.
+            let under_way = get_condition(&before.conditions, ConditionType::Deleting)
+                .filter(|d| d.status == "True" && d.reason == "Removing")
+                .map(|d| d.message.clone());
+            c.set(
+                ConditionType::Deleting,
+                true,
+                "Removing",
+                under_way.unwrap_or_else(|| format!("removing instance {id}")),
+            )
+        }
         CleanupNext::RemoveLeftovers => c.set(
             ConditionType::Deleting,
             true,
@@ -131,6 +154,12 @@ pub fn record_cleanup(input: &Input<'_>, plan: &CleanupPlan, outcome: Outcome) -
             );
             let wait = delay.or(Some(input.settings.backoff_cap));
             CleanupPlan { status, next: CleanupNext::Wait(wait), notes }
+        }
+        // Under way at the provider: looked at again soon, without holding a worker.
+        Outcome::RemovalWaiting(what) => {
+            status.failures = None;
+            conditions(&mut status, machine, input.now).set(ConditionType::Deleting, true, "Removing", what);
+            CleanupPlan { status, next: CleanupNext::Wait(Some(removal_poll(input.settings))), notes }
         }
         // Nothing to tell about leftovers that were removed (or never existed).
         _ if id.is_none() => CleanupPlan { status, next: CleanupNext::Finalize, notes },

@@ -16,7 +16,7 @@ pub use backoff::{Settings, backoff_delay};
 pub use decide::{OUTPUT_LINES, OUTPUT_MAX_BYTES, begin, output_tail, plan, record};
 pub use delete::{plan_cleanup, record_cleanup};
 pub use host_key::{HOST_KEY_MISMATCH, HostKeyTrust, accept_annotation_consumed, pinned, trusted_host_keys};
-pub use summary::whole_seconds;
+pub use summary::{instance_recorded, whole_seconds};
 
 use std::time::Duration;
 
@@ -137,6 +137,8 @@ pub enum Outcome {
         port: u16,
         user: String,
     },
+    /// Remove has begun and the provider is still at it; says what it waits for.
+    RemovalWaiting(String),
     /// SSH was not tried yet: the first contact waits for the host keys to show (a
     /// booting instance's console); says what it waits for.
     SshPending(String),

@@ -85,6 +85,16 @@ pub(super) fn duration_between(from: Timestamp, to: Timestamp) -> Duration {
     Duration::try_from(to.duration_since(from)).unwrap_or(Duration::ZERO)
 }
 
+/// When the instance id was recorded: when `InstanceCreated` last became True (Create
+/// answered, or the instance was adopted).
+pub fn instance_recorded(machine: &Machine) -> Option<Timestamp> {
+    let status = machine.status.as_ref()?;
+    status.provider_id.as_ref()?;
+    get_condition(&status.conditions, ConditionType::InstanceCreated)
+        .filter(|c| c.status == "True")
+        .map(|c| c.last_transition_time.0)
+}
+
 /// Status times have whole-second precision, as the API server stores them; anything
 /// finer would make every comparison with the stored status differ.
 pub fn whole_seconds(t: Timestamp) -> Timestamp {

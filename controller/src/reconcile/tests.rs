@@ -1283,15 +1283,45 @@ fn without_an_instance_only_the_leftovers_are_removed_then_the_finalizer() {
     let plan = plan_cleanup(&input(&machine, Observed::NoInstance));
     assert_eq!(plan.next, CleanupNext::RemoveLeftovers);
     assert!(plan.notes.is_empty());
-    let machine = was(State::Running)(Machine::test()).deleting();
-    let plan = plan_cleanup(&input(&machine, instance(State::NotFound)));
-    assert_eq!(plan.next, CleanupNext::RemoveLeftovers);
-    assert_eq!(reasons(&plan.notes), ["Removed"]);
-
     // Done: the finalizer goes, with nothing more to tell.
-    let recorded = record_cleanup(&input(&machine, instance(State::NotFound)), &plan, Outcome::Succeeded);
+    let recorded = record_cleanup(&input(&machine, Observed::NoInstance), &plan, Outcome::Succeeded);
     assert_eq!(recorded.next, CleanupNext::Finalize);
     assert!(recorded.notes.is_empty());
+}
+
+#[test]
+fn a_known_instance_reported_gone_is_still_removed_by_id() {
+    // An eventually consistent read (EC2's Describe) can miss a fresh instance: only
+    // Remove's own answer proves it gone.
+    let machine = was(State::Running)(Machine::test()).deleting();
+    let plan = plan_cleanup(&input(&machine, instance(State::NotFound)));
+    assert_eq!(plan.next, CleanupNext::Remove(PROVIDER_ID.into()));
+    let recorded = record_cleanup(&input(&machine, instance(State::NotFound)), &plan, Outcome::Succeeded);
+    assert_eq!(recorded.next, CleanupNext::Finalize);
+    assert_eq!(reasons(&recorded.notes), ["Removed"]);
+}
+
+#[test]
+fn a_removal_under_way_is_looked_at_again_without_a_failure() {
+    let machine = was(State::Running)(Machine::test()).deleting();
+    let input = input(&machine, instance(State::Stopping));
+    let plan = plan_cleanup(&input);
+    assert_eq!(plan.next, CleanupNext::Remove(PROVIDER_ID.into()));
+    let waiting = Outcome::RemovalWaiting("waiting for i-0abc to terminate (shutting-down)".into());
+    let recorded = record_cleanup(&input, &plan, waiting.clone());
+    assert_eq!(recorded.next, CleanupNext::Wait(Some(SETTINGS.progress_interval * 5)));
+    assert_eq!(recorded.status.failures, None);
+    assert!(recorded.notes.is_empty(), "{:?}", recorded.notes);
+    assert_eq!(cond(&recorded.status, ConditionType::Deleting), Some(("True", "Removing")));
+    assert_eq!(message(&recorded.status, ConditionType::Deleting), "waiting for i-0abc to terminate (shutting-down)");
+    // Looked at again: Remove again, and the same answer changes nothing.
+    let machine = feed(&machine, &recorded.status);
+    let input = input_at(&machine, instance(State::Stopping), at(10));
+    let plan = plan_cleanup(&input);
+    assert_eq!(plan.next, CleanupNext::Remove(PROVIDER_ID.into()));
+    assert_eq!(Some(&plan.status), machine.status.as_ref(), "no write before the call either");
+    let again = record_cleanup(&input, &plan, waiting);
+    assert_eq!(Some(&again.status), machine.status.as_ref(), "no write while it waits the same way");
 }
 
 #[test]

@@ -36,7 +36,7 @@ pub use errors::{AwsError, CAPACITY_RETRY_AFTER, QUOTA_RETRY_AFTER, THROTTLED_RE
 
 use crate::{
     Address, AddressType, CreateRequest, Credentials, Driver, DriverError, HostKeys, Instance, MachineRef, Operation,
-    SshEndpoint, State,
+    Removal, SshEndpoint, State,
 };
 
 /// The tag every resource machinist creates carries: the owning Machine's UID.
@@ -629,7 +629,7 @@ impl Driver for Ec2Driver {
         self.launch(key_name, groups, root_device).await
     }
 
-    async fn remove(&self, id: &str) -> Result<(), DriverError> {
+    async fn remove(&self, id: &str) -> Result<Removal, DriverError> {
         match self.ec2().await.terminate_instances().instance_ids(id).send().await {
             Ok(_) => info!(instance = id, "ec2: terminating the instance"),
             Err(e) => {
@@ -643,10 +643,11 @@ impl Driver for Ec2Driver {
         self.remove_leftovers().await
     }
 
-    async fn remove_leftovers(&self) -> Result<(), DriverError> {
+    async fn remove_leftovers(&self) -> Result<Removal, DriverError> {
         self.delete_security_groups().await?;
         self.delete_key_pairs().await?;
-        self.delete_volumes().await
+        self.delete_volumes().await?;
+        Ok(Removal::Done)
     }
 
     async fn start(&self, id: &str) -> Result<(), DriverError> {

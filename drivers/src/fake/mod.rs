@@ -13,7 +13,8 @@ pub use config::{FailureRule, FakeConfig, FakeErrorKind, FakeLatency, FakeSshEnd
 pub use store::{FakeStore, InstanceRecord};
 
 use crate::{
-    Address, AddressType, CreateRequest, Driver, DriverError, Instance, MachineRef, Operation, SshEndpoint, State,
+    Address, AddressType, CreateRequest, Driver, DriverError, Instance, MachineRef, Operation, Removal, SshEndpoint,
+    State,
 };
 
 /// The fake driver bound to one Machine.
@@ -174,14 +175,15 @@ impl Driver for FakeDriver {
         Ok(id)
     }
 
-    async fn remove(&self, id: &str) -> Result<(), DriverError> {
+    async fn remove(&self, id: &str) -> Result<Removal, DriverError> {
         self.call(Operation::Remove).await?;
         match self.store.delete(&self.machine.uid, id) {
             // An id the store cannot even name is gone too.
             Ok(_) | Err(DriverError::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }
-        self.store.forget_machine_if_empty(&self.machine.uid)
+        self.store.forget_machine_if_empty(&self.machine.uid)?;
+        Ok(Removal::Done)
     }
 
     async fn start(&self, id: &str) -> Result<(), DriverError> {

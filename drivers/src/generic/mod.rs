@@ -30,7 +30,7 @@ pub use config::{
 use crate::ssh::{self, CommandOutput, SecretString, SshAuth, SshError, SshPrivateKey, SshSession, SshTarget};
 use crate::{
     Address, AddressType, CREDENTIALS_FIELD, CreateRequest, Credentials, Driver, DriverError, Instance, MachineRef,
-    Operation, SshEndpoint, State,
+    Operation, Removal, SshEndpoint, State,
 };
 
 /// The `credentialsSecretRef` key holding the bootstrap private key (as in a
@@ -270,14 +270,14 @@ impl Driver for GenericDriver {
         Ok(self.instance_id())
     }
 
-    async fn remove(&self, _id: &str) -> Result<(), DriverError> {
+    async fn remove(&self, _id: &str) -> Result<Removal, DriverError> {
         let session = match self.session(CONNECT_TIMEOUT).await {
             Ok(session) => session,
             Err(error @ SshError::Unreachable { .. }) => {
                 // The name no longer resolves or no route leads there: the host is gone,
                 // and the key with it.
                 tracing::warn!(ssh = %self.target, %error, "generic: host gone, nothing to remove");
-                return Ok(());
+                return Ok(Removal::Done);
             }
             Err(error) if error.is_retryable() => {
                 return Err(DriverError::transient(format!(
@@ -292,7 +292,7 @@ impl Driver for GenericDriver {
         session.close().await;
         let output = result?;
         tracing::info!(ssh = %self.target, result = %output.stdout_text().trim(), "generic: Machine's key removed");
-        Ok(())
+        Ok(Removal::Done)
     }
 
     async fn start(&self, _id: &str) -> Result<(), DriverError> {
