@@ -176,8 +176,7 @@ CONTROLLER_GRANTS = {
     *{("machinist.dev", "machines", v, ()) for v in ("get", "list", "watch", "patch", "update")},
     *{("machinist.dev", "machines/status", v, ()) for v in ("get", "patch", "update")},
     ("machinist.dev", "machines/finalizers", "update", ()),
-    ("", "secrets", "get", ()),
-    ("", "secrets", "create", ()),
+    *{("", "secrets", v, ()) for v in ("get", "list", "watch", "create", "patch")},
     ("events.k8s.io", "events", "create", ()),
     ("events.k8s.io", "events", "patch", ()),
 }

@@ -184,6 +184,7 @@ pub fn input_at(machine: &Machine, observed: Observed, now: Timestamp) -> Input<
         observed,
         offers_ssh: false,
         ssh_key_secret: None,
+        secrets: None,
         first_contact_host_key: None,
         now,
         jitter: JITTER,

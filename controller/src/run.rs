@@ -8,9 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use kube::core::DeserializeGuard;
+use k8s_openapi::api::core::v1::Secret;
+use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, controller, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use machinist_drivers::Drivers;
 use tracing::{debug, info, warn};
 
@@ -95,6 +97,24 @@ pub async fn run(
         background.0.push(tokio::spawn(metrics::serve(listener, metrics.clone(), ready.clone())));
     }
 
+    let machines: Api<DeserializeGuard<Machine>> = match &config.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let controller = Controller::new(machines, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    // A Secret that appears or changes brings the Machines that use it back at once: a
+    // missing credentials Secret created, credentials rotated or fixed. Only metadata is
+    // kept of each event.
+    let secrets: Api<PartialObjectMeta<Secret>> = match &config.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let users = store.clone();
+    let controller = controller
+        .watches(secrets, watcher::Config::default().any_semantic(), move |secret| machines_using(&users, &secret))
+        .with_config(controller::Config::default().concurrency(config.concurrency))
+        .graceful_shutdown_on(shutdown.clone());
     let ctx = Arc::new(Context {
         client: client.clone(),
         drivers: Drivers::new(&config.fake_state_dir),
@@ -103,15 +123,8 @@ pub async fn run(
         driver_call_timeout: config.driver_call_timeout,
         metrics: metrics.clone(),
         written: Default::default(),
+        machines: store.clone(),
     });
-    let machines: Api<DeserializeGuard<Machine>> = match &config.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let controller = Controller::new(machines, watcher::Config::default().any_semantic())
-        .with_config(controller::Config::default().concurrency(config.concurrency))
-        .graceful_shutdown_on(shutdown.clone());
-    let store = controller.store();
     background.0.push(tokio::spawn(count_phases(store.clone(), metrics.clone())));
     let cache_ready = ready.clone();
     background.0.push(tokio::spawn(async move {
@@ -169,6 +182,24 @@ pub async fn run(
             Err(RunError::LostLeadership(reason))
         }
     }
+}
+
+/// The Machines in the cache that use `secret`.
+fn machines_using(
+    machines: &Store<DeserializeGuard<Machine>>,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<DeserializeGuard<Machine>>> {
+    let (ns, name) = (secret.namespace(), secret.name_any());
+    machines
+        .state()
+        .iter()
+        .filter_map(|object| match &object.0 {
+            Ok(machine) if machine.namespace() == ns && machine.uses_secret(&name) => {
+                Some(ObjectRef::from_obj(&**object))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// One item of the controller's output stream.

@@ -318,6 +318,7 @@ impl Harness {
             driver_call_timeout: Duration::from_secs(2),
             metrics: Arc::new(Metrics::default()),
             written: Default::default(),
+            machines: kube::runtime::reflector::store().0,
         });
         Harness { server, ctx, _dir: dir }
     }
@@ -825,17 +826,18 @@ async fn deletion_with_unreadable_credentials_keeps_the_finalizer_and_says_why()
     assert_eq!(calls[0].method, Method::GET);
     assert_eq!(calls[0].path, "/api/v1/namespaces/ns/secrets/creds");
     // No "Removing" write: Remove is never called without credentials.
-    let calls = expect_calls(calls[1..].to_vec(), &["status", "event:Warning/NotFound"]);
-    let note = assert_event(&calls[1], "Warning", "NotFound");
-    assert!(note.contains("ns/creds"), "the event names the missing Secret: {note}");
+    let calls = expect_calls(calls[1..].to_vec(), &["status", "event:Warning/InvalidSpec"]);
+    let note = assert_event(&calls[1], "Warning", "InvalidSpec");
+    assert!(note.contains("ns/creds") && note.contains("does not exist"), "the event names the missing Secret: {note}");
     let failed = assert_status_apply(&calls[0]);
     let deleting = condition(&failed, "Deleting");
-    assert_eq!((deleting.status.as_str(), deleting.reason.as_str()), ("True", "NotFound"));
+    assert_eq!((deleting.status.as_str(), deleting.reason.as_str()), ("True", "InvalidSpec"));
     assert!(deleting.message.contains("ns/creds"), "names the missing Secret: {}", deleting.message);
-    assert_eq!(failed.failures.as_ref().map(|f| f.count), Some(1));
+    assert!(deleting.message.contains("deletionPolicy: Orphan"), "says the way out: {}", deleting.message);
     assert_eq!(h.machine().finalizers(), [FINALIZER], "the finalizer stays");
     assert_eq!(h.instances().len(), 1, "nothing removed without credentials");
-    assert!(requeue_after(&h.error_policy(&error)).is_some(), "retried with backoff");
+    // Not retried on a timer: the Secret watch brings the Machine back when it appears.
+    assert_eq!(requeue_after(&h.error_policy(&error)), None);
 }
 
 #[tokio::test]

@@ -112,12 +112,14 @@ The Machine-controller rules, shared by the ClusterRole (all namespaces) and the
 - apiGroups: ["machinist.dev"]
   resources: ["machines/finalizers"]
   verbs: ["update"]
-# spec.credentialsSecretRef and SSH key Secrets are read on every reconcile; a Machine's
+# The Secrets Machines use (spec.credentialsSecretRef, SSH keys): read, watched so a
+# created or rotated Secret takes effect at once, and patched to add and remove the
+# finalizer machinist.dev/secret-protection while a Machine uses them. A Machine's
 # generated SSH key Secret is created once (it is owned by the Machine, and goes with it
 # through garbage collection, so no delete).
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "create"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

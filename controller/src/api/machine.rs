@@ -210,6 +210,26 @@ pub struct MachineStatus {
     /// The last `spec.provisioning` script run, and how it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provisioning: Option<ProvisioningStatus>,
+    /// The Secrets this Machine uses (credentials, SSH key). Each carries the finalizer
+    /// `machinist.dev/secret-protection` until no Machine in the namespace uses it, so a
+    /// deletion (of the Secret, or of the whole namespace) cannot take it away while the
+    /// Machine's driver calls or its removal still need it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub secrets: Vec<SecretUse>,
+}
+
+/// A Secret a Machine uses, as `status.secrets` lists it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretUse {
+    pub name: String,
+    /// Where the Machine names it: `spec.credentialsSecretRef`, `spec.ssh.keySecretRef`,
+    /// or `status.ssh.keySecretName` (the key Secret machinist generated).
+    pub field: String,
+    /// The Secret was deleted while in use: it stays until no Machine uses it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deletion_held: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -289,6 +309,25 @@ pub struct Failures {
 }
 
 impl Machine {
+    /// The Secrets the spec names, with the field naming each.
+    pub fn secret_refs(&self) -> Vec<(&'static str, &str)> {
+        let mut refs = Vec::new();
+        if let Some(credentials) = &self.spec.credentials_secret_ref {
+            refs.push(("spec.credentialsSecretRef", credentials.name.as_str()));
+        }
+        if let Some(key) = self.spec.ssh.as_ref().and_then(|s| s.key_secret_ref.as_ref()) {
+            refs.push(("spec.ssh.keySecretRef", key.name.as_str()));
+        }
+        refs
+    }
+
+    /// Whether this Machine uses the Secret `name`: the spec names it, or the status
+    /// lists it (a generated key, or one the spec named until just now).
+    pub fn uses_secret(&self, name: &str) -> bool {
+        self.secret_refs().iter().any(|(_, n)| *n == name)
+            || self.status.as_ref().is_some_and(|s| s.secrets.iter().any(|u| u.name == name))
+    }
+
     pub fn is_paused(&self) -> bool {
         self.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(super::PAUSED_ANNOTATION))
     }

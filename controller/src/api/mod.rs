@@ -14,6 +14,8 @@ pub const PAUSED_ANNOTATION: &str = "machinist.dev/paused";
 /// accept exactly that key; machinist never re-pins a host key by itself. Honoured only
 /// while the host presents that key, and removed once the key is pinned.
 pub const ACCEPT_HOST_KEY_ANNOTATION: &str = "machinist.dev/accept-host-key";
+/// The finalizer machinist puts on every Secret a Machine uses, until none does.
+pub const SECRET_FINALIZER: &str = "machinist.dev/secret-protection";
 /// The field manager of every write machinist makes.
 pub const FIELD_MANAGER: &str = "machinist";
 

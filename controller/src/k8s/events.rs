@@ -22,6 +22,8 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
+use crate::api::FIELD_MANAGER;
+
 /// How long a repeat joins the series of the Event before it (kube-runtime's TTL).
 const SERIES_TTL: Duration = Duration::from_secs(6 * 60);
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -93,7 +95,13 @@ impl EventPublisher {
                 let name = format!("{base}.{stamp:x}");
                 let series = EventSeries { count, last_observed_time: MicroTime(Timestamp::now()) };
                 let patch = json!({ "series": series });
-                events.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+                events
+                    .patch(
+                        &name,
+                        &PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() },
+                        &Patch::Merge(&patch),
+                    )
+                    .await?;
             }
             None => {
                 let stamp = Timestamp::now();
@@ -111,7 +119,9 @@ impl EventPublisher {
                     reporting_instance: Some(self.instance.clone()),
                     ..Default::default()
                 };
-                events.create(&PostParams::default(), &created).await?;
+                events
+                    .create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &created)
+                    .await?;
                 if event.warning {
                     let mut guard = self.series.lock().expect("not poisoned");
                     guard.0.insert(key, Series { stamp: nanos, count: 1, last: now });
@@ -120,4 +130,11 @@ impl EventPublisher {
         }
         Ok(())
     }
+}
+
+/// Whether `error` is the API server refusing a create because the namespace is being
+/// deleted (403 "... because it is being terminated"): an Event there is moot, and never
+/// worth a retry or a warning.
+pub fn namespace_terminating(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(e) if e.code == 403 && e.message.contains("being terminated"))
 }

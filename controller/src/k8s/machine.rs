@@ -6,20 +6,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::{Api, Client, Resource, ResourceExt};
 use machinist_drivers::{
-    CreateRequest, Credentials, Driver, DriverError, Drivers, MachineRef, Operation, Removal, State,
+    CREDENTIALS_FIELD, CreateRequest, Credentials, Driver, DriverError, Drivers, MachineRef, Operation, Removal, State,
 };
 use tracing::{debug, info, instrument, warn};
 
 use super::events::EventNote;
 use super::patch_status;
-use crate::api::{ACCEPT_HOST_KEY_ANNOTATION, FIELD_MANAGER, FINALIZER, Machine, MachineStatus};
+use crate::api::{ACCEPT_HOST_KEY_ANNOTATION, FIELD_MANAGER, FINALIZER, Machine, MachineStatus, SecretUse};
 use crate::reconcile::{self, CleanupNext, Input, Note, Observed, Outcome, Planned, Settings, Step, whole_seconds};
 
 /// What every reconcile shares.
@@ -33,6 +32,8 @@ pub struct Context {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Statuses written but maybe not yet in the watch cache.
     pub written: super::status::WrittenStatuses,
+    /// The controller's cache of Machines: who else uses a Secret.
+    pub machines: kube::runtime::reflector::Store<DeserializeGuard<Machine>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -190,16 +191,26 @@ async fn consume_accept_annotation(api: &Api<Machine>, machine: &Machine, status
 }
 
 async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<Action, Error> {
-    let (driver, mut observed) =
-        if machine.is_paused() { (None, Observed::NoInstance) } else { observe(machine, ctx).await? };
+    let (driver, mut observed, mut secrets) =
+        if machine.is_paused() { (None, Observed::NoInstance, None) } else { observe(machine, ctx).await? };
     let offers_ssh = driver.as_ref().is_some_and(|d| d.offers_ssh());
     // The Machine's SSH key exists before anything is created with it.
     let mut key = None;
     if offers_ssh && !matches!(observed, Observed::InvalidSpec(_)) {
-        match super::ssh::machine_key(machine, &ctx.client).await {
-            Ok(k) => key = Some(k),
-            Err(error @ DriverError::InvalidConfig { .. }) => observed = Observed::InvalidSpec(error),
-            Err(error) => observed = Observed::Failed(error),
+        match super::ssh::machine_key(machine, ctx).await {
+            Ok((k, used)) => {
+                key = Some(k);
+                if let Some(secrets) = secrets.as_mut() {
+                    secrets.push(used);
+                }
+            }
+            Err(error) => {
+                secrets = None;
+                observed = match error {
+                    DriverError::InvalidConfig { .. } => Observed::InvalidSpec(error),
+                    _ => Observed::Failed(error),
+                };
+            }
         }
     }
     let input = Input {
@@ -207,6 +218,7 @@ async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<A
         observed,
         offers_ssh,
         ssh_key_secret: key.as_ref().map(|k| k.secret_name.clone()),
+        secrets: secrets.clone(),
         first_contact_host_key: driver.as_ref().and_then(|d| d.first_contact_host_key()),
         now: now(),
         jitter: rand::random(),
@@ -220,6 +232,7 @@ async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<A
         patch_status(api, &ctx.written, machine, written, &plan.status).await?;
         publish(ctx, machine, &plan.notes).await;
         consume_accept_annotation(api, machine, &plan.status).await?;
+        release_dropped(ctx, machine, secrets.as_deref()).await;
         return Ok(requeue(plan.requeue));
     };
 
@@ -240,17 +253,42 @@ async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<A
     patch_status(api, &ctx.written, machine, shown.as_ref(), &recorded.status).await?;
     publish(ctx, machine, &recorded.notes).await;
     consume_accept_annotation(api, machine, &recorded.status).await?;
+    release_dropped(ctx, machine, secrets.as_deref()).await;
     Ok(requeue(recorded.requeue))
+}
+
+/// Releases the Secrets the Machine used until now and no longer names (its status
+/// listed them; `now` is what it uses this reconcile), unless another Machine uses them.
+async fn release_dropped(ctx: &Context, machine: &Machine, now: Option<&[SecretUse]>) {
+    let Some(now) = now else { return };
+    let before = machine.status.as_ref().map(|s| s.secrets.as_slice()).unwrap_or_default();
+    let dropped: Vec<String> =
+        before.iter().filter(|b| !now.iter().any(|n| n.name == b.name)).map(|b| b.name.clone()).collect();
+    if !dropped.is_empty() {
+        super::secrets::release_unused(ctx, machine, dropped).await;
+    }
+}
+
+/// Releases every Secret the Machine used, unless another Machine uses it: the Machine is
+/// about to go.
+async fn release_all(ctx: &Context, machine: &Machine) {
+    let mut names: Vec<String> = machine.secret_refs().into_iter().map(|(_, name)| name.to_string()).collect();
+    names.extend(machine.status.iter().flat_map(|s| s.secrets.iter().map(|u| u.name.clone())));
+    names.sort();
+    names.dedup();
+    super::secrets::release_unused(ctx, machine, names).await;
 }
 
 async fn cleanup(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<Action, Error> {
     let needs_driver = !machine.is_paused() && machine.spec.deletion_policy == crate::api::DeletionPolicy::Delete;
-    let (driver, observed) = if needs_driver { observe(machine, ctx).await? } else { (None, Observed::NoInstance) };
+    let (driver, observed, secrets) =
+        if needs_driver { observe(machine, ctx).await? } else { (None, Observed::NoInstance, None) };
     let input = Input {
         machine,
         observed,
         offers_ssh: false,
         ssh_key_secret: None,
+        secrets,
         first_contact_host_key: None,
         now: now(),
         jitter: rand::random(),
@@ -271,11 +309,13 @@ async fn cleanup(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result
                 publish(ctx, machine, &recorded.notes).await;
                 return Err(waits(&recorded.status, retry));
             }
+            release_all(ctx, machine).await;
             ctx.written.forget(machine);
             return Ok(Action::await_change());
         }
         (CleanupNext::Finalize | CleanupNext::RemoveLeftovers, _) => {
             publish(ctx, machine, &plan.notes).await;
+            release_all(ctx, machine).await;
             ctx.written.forget(machine);
             return Ok(Action::await_change());
         }
@@ -315,6 +355,7 @@ async fn cleanup(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result
         }
         _ => {
             publish(ctx, machine, &recorded.notes).await;
+            release_all(ctx, machine).await;
             ctx.written.forget(machine);
             Ok(Action::await_change())
         }
@@ -344,17 +385,21 @@ fn requeue(after: Option<Duration>) -> Action {
 }
 
 /// Builds the driver and asks it about the instance: by `providerID` when known, else
-/// by the Machine's UID (adoption).
-async fn observe(machine: &Machine, ctx: &Context) -> Result<(Option<Arc<dyn Driver>>, Observed), Error> {
-    let credentials = match read_credentials(machine, ctx).await {
-        Ok(c) => c,
-        Err(error) => return Ok((None, Observed::Failed(error))),
+/// by the Machine's UID (adoption). Also says which Secrets it read (guarded), when it
+/// could read them all.
+async fn observe(machine: &Machine, ctx: &Context) -> Result<Observation, Error> {
+    let (credentials, mut secrets) = match read_credentials(machine, ctx).await {
+        Ok((credentials, used)) => (credentials, Some(used.into_iter().collect::<Vec<_>>())),
+        // A Secret that does not exist: nothing can be called; the Secret watch brings
+        // the Machine back when it appears.
+        Err(error @ DriverError::InvalidConfig { .. }) => return Ok((None, Observed::InvalidSpec(error), None)),
+        Err(error) => return Ok((None, Observed::Failed(error), None)),
     };
     let driver = match ctx.drivers.driver(&machine.spec.driver, machine_ref(machine), credentials) {
         Ok(d) => d,
         // Bad credentials are fixed in their Secret, not the spec: retried with backoff.
-        Err(error) if error.is_retryable() => return Ok((None, Observed::Failed(error))),
-        Err(error) => return Ok((None, Observed::InvalidSpec(error))),
+        Err(error) if error.is_retryable() => return Ok((None, Observed::Failed(error), secrets.take())),
+        Err(error) => return Ok((None, Observed::InvalidSpec(error), secrets.take())),
     };
     let known = machine.status.as_ref().and_then(|s| s.provider_id.clone());
     let found = match known {
@@ -390,30 +435,21 @@ async fn observe(machine: &Machine, ctx: &Context) -> Result<(Option<Arc<dyn Dri
         Err(error) => Observed::Failed(error),
     };
     debug!(?observed, "observed");
-    Ok((Some(driver), observed))
+    Ok((Some(driver), observed, secrets))
 }
 
-/// Resolves `credentialsSecretRef` afresh for each reconcile, so rotation needs no restart.
-async fn read_credentials(machine: &Machine, ctx: &Context) -> Result<Credentials, DriverError> {
+/// The driver (when one could be built), what it observed, and the Secrets read.
+type Observation = (Option<Arc<dyn Driver>>, Observed, Option<Vec<SecretUse>>);
+
+/// Resolves `credentialsSecretRef` afresh for each reconcile, so rotation needs no
+/// restart, and guards the Secret while the Machine uses it.
+async fn read_credentials(machine: &Machine, ctx: &Context) -> Result<(Credentials, Option<SecretUse>), DriverError> {
     let Some(reference) = &machine.spec.credentials_secret_ref else {
-        return Ok(Credentials::default());
+        return Ok((Credentials::default(), None));
     };
-    let ns = machine.namespace().unwrap_or_default();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    match secrets.get_opt(&reference.name).await {
-        Ok(Some(secret)) => {
-            let data: BTreeMap<String, Vec<u8>> =
-                secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
-            Ok(Credentials(data))
-        }
-        Ok(None) => Err(DriverError::NotFound {
-            message: format!(
-                "the credentials Secret {ns}/{} (spec.credentialsSecretRef) does not exist",
-                reference.name
-            ),
-        }),
-        Err(e) => Err(DriverError::transient(format!("reading the credentials Secret {ns}/{}: {e}", reference.name))),
-    }
+    let (secret, used) = super::secrets::read(ctx, machine, CREDENTIALS_FIELD, &reference.name).await?;
+    let data: BTreeMap<String, Vec<u8>> = secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+    Ok((Credentials(data), Some(used)))
 }
 
 /// A driver call bounded by the call timeout, measured.
@@ -507,8 +543,12 @@ async fn publish(ctx: &Context, machine: &Machine, notes: &[Note]) {
         } else {
             info!(reason = note.reason, message = %note.message, "event");
         }
-        if let Err(e) = ctx.events.publish(&reference, &event).await {
-            warn!(error = %e, reason = note.reason, "publishing an Event failed");
+        match ctx.events.publish(&reference, &event).await {
+            Ok(()) => {}
+            Err(e) if super::events::namespace_terminating(&e) => {
+                debug!(reason = note.reason, "not publishing an Event: the namespace is being terminated");
+            }
+            Err(e) => warn!(error = %e, reason = note.reason, "publishing an Event failed"),
         }
     }
 }

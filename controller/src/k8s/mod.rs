@@ -4,6 +4,7 @@
 mod crd;
 mod events;
 mod machine;
+mod secrets;
 mod ssh;
 mod status;
 

@@ -9,11 +9,12 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::PostParams;
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use machinist_drivers::ssh::{self, SshAuth, SshError, SshPrivateKey, SshTarget};
 use machinist_drivers::{Driver, DriverError, HostKeys};
 
-use crate::api::{Machine, machine_labels};
+use super::machine::Context;
+use crate::api::{Machine, SECRET_FINALIZER, SecretUse, machine_labels};
 use crate::reconcile::{self, HostKeyTrust, Outcome, SshFailure};
 
 /// How long each SSH step (connect, login, command) of a readiness check may take.
@@ -42,22 +43,16 @@ pub fn generated_secret_name(machine: &Machine) -> String {
 /// The Machine's key: from `spec.ssh.keySecretRef` (never changed or deleted by
 /// machinist), or an ed25519 key pair generated once into a `kubernetes.io/ssh-auth`
 /// Secret owned by the Machine (so it goes when the Machine goes).
-pub async fn machine_key(machine: &Machine, client: &Client) -> Result<MachineKey, DriverError> {
+pub async fn machine_key(machine: &Machine, ctx: &Context) -> Result<(MachineKey, SecretUse), DriverError> {
     let ns = machine.namespace().unwrap_or_default();
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(reference) = machine.spec.ssh.as_ref().and_then(|s| s.key_secret_ref.as_ref()) {
         let field = "spec.ssh.keySecretRef";
-        let secret = secrets
-            .get_opt(&reference.name)
-            .await
-            .map_err(|e| DriverError::transient(format!("reading the SSH key Secret {ns}/{}: {e}", reference.name)))?
-            .ok_or_else(|| DriverError::NotFound {
-                message: format!("the SSH key Secret {ns}/{} ({field}) does not exist", reference.name),
-            })?;
+        let (secret, used) = super::secrets::read(ctx, machine, field, &reference.name).await?;
         let key = private_key_of(&secret).map_err(|message| {
             DriverError::invalid_config(field, format!("Secret {ns}/{}: {message}", reference.name))
         })?;
-        return Ok(MachineKey { secret_name: reference.name.clone(), key });
+        return Ok((MachineKey { secret_name: reference.name.clone(), key }, used));
     }
 
     let name = generated_secret_name(machine);
@@ -75,6 +70,9 @@ pub async fn machine_key(machine: &Machine, client: &Client) -> Result<MachineKe
                     name: Some(name.clone()),
                     labels: Some(machine_labels(&machine.name_any())),
                     owner_references: Some(vec![owner_reference(machine)]),
+                    // Guarded from the start, like every Secret a Machine uses; released
+                    // when the Machine is, and then garbage-collected with it.
+                    finalizers: Some(vec![SECRET_FINALIZER.to_string()]),
                     ..Default::default()
                 },
                 type_: Some("kubernetes.io/ssh-auth".into()),
@@ -106,10 +104,22 @@ pub async fn machine_key(machine: &Machine, client: &Client) -> Result<MachineKe
             ),
         ));
     }
+    // One generated before Secrets were guarded: guard it now.
+    let secret = super::secrets::guard(&secrets, secret)
+        .await
+        .map_err(|e| DriverError::transient(format!("protecting the SSH key Secret {ns}/{name}: {e}")))?;
     let key = private_key_of(&secret)
         .map_err(|message| DriverError::transient(format!("the generated SSH key Secret {ns}/{name}: {message}")))?;
-    Ok(MachineKey { secret_name: name, key })
+    let used = SecretUse {
+        name: name.clone(),
+        field: GENERATED_KEY_FIELD.to_string(),
+        deletion_held: secret.metadata.deletion_timestamp.is_some(),
+    };
+    Ok((MachineKey { secret_name: name, key }, used))
 }
+
+/// How `status.secrets` names the key Secret machinist generated.
+pub const GENERATED_KEY_FIELD: &str = "status.ssh.keySecretName";
 
 fn private_key_of(secret: &Secret) -> Result<SshPrivateKey, String> {
     let bytes = secret

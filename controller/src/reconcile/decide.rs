@@ -7,8 +7,8 @@ use machinist_drivers::{DriverError, Operation, State};
 use super::backoff::jittered;
 use super::summary::{
     condition_is, condition_reason, conditions, duration_between, error_reason, held_back, last_operation,
-    observation_retry_pending, record_failure, record_failure_parts, record_host_key_mismatch, script_sha256,
-    ssh_conditions, ssh_ready, summarize_ready,
+    observation_retry_pending, record_failure, record_failure_parts, record_host_key_mismatch, record_secrets,
+    script_sha256, ssh_conditions, ssh_ready, summarize_ready,
 };
 use super::{Cause, Input, Note, Observed, Outcome, Plan, Planned, Step, host_key};
 
@@ -38,6 +38,7 @@ pub fn plan(input: &Input<'_>) -> Plan {
     let mut notes = Vec::new();
     let driver_name = machine.spec.driver.name().unwrap_or("unknown");
     status.driver = machine.spec.driver.name().map(str::to_string);
+    record_secrets(&mut status, input, &mut notes);
     let mut c = conditions(&mut status, machine, input.now);
 
     if machine.is_paused() {
@@ -74,15 +75,12 @@ pub fn plan(input: &Input<'_>) -> Plan {
             if !condition_is(c.status, ConditionType::Ready, "InvalidSpec", &message) {
                 notes.push(Note::warning("InvalidSpec", "Validate", message.clone()));
             }
-            c.set(ConditionType::Ready, false, "InvalidSpec", message.clone());
-            let message_for_failures = message;
+            c.set(ConditionType::Ready, false, "InvalidSpec", message);
             status.phase = Some(Phase::Failed);
-            status.failures = Some(crate::api::Failures {
-                count: 1,
-                reason: "InvalidSpec".to_string(),
-                message: message_for_failures.clone(),
-                next_retry_time: None,
-            });
+            // Nothing is called while the spec is invalid, so there is no attempt to count
+            // or hold back: once it is fixed (in the spec, or a Secret it names appears),
+            // the next observation goes ahead at once.
+            status.failures = None;
             Plan { status, step: None, requeue: None, notes }
         }
         Observed::Failed(error) => {

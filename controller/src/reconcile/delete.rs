@@ -2,6 +2,7 @@
 
 use super::summary::{
     condition_is, conditions, error_reason, held_back, last_operation, observation_retry_pending, record_failure,
+    record_secrets,
 };
 use super::{CleanupNext, CleanupPlan, Input, Note, Observed, Outcome};
 use crate::api::{ConditionType, DeletionPolicy, OperationResult, Phase, get_condition};
@@ -19,6 +20,7 @@ pub fn plan_cleanup(input: &Input<'_>) -> CleanupPlan {
     let mut status = before.clone();
     let mut notes = Vec::new();
     status.phase = Some(Phase::Deleting);
+    record_secrets(&mut status, input, &mut notes);
     let mut c = conditions(&mut status, machine, input.now);
     c.set(ConditionType::Ready, false, "Deleting", "the Machine is being deleted");
 
@@ -67,7 +69,7 @@ pub fn plan_cleanup(input: &Input<'_>) -> CleanupPlan {
         (Observed::InvalidSpec(_), None) => CleanupNext::Finalize,
         (Observed::InvalidSpec(error), Some(id)) => {
             let message = format!(
-                "cannot remove instance {id}: {error}; fix spec.driver, or set deletionPolicy: Orphan to leave the instance"
+                "cannot remove instance {id}: {error}. Fix that, or set deletionPolicy: Orphan to leave the instance"
             );
             if !condition_is(c.status, ConditionType::Deleting, "InvalidSpec", &message) {
                 notes.push(Note::warning("InvalidSpec", "Remove", message.clone()));

@@ -48,6 +48,9 @@ pub struct Input<'a> {
     pub offers_ssh: bool,
     /// The Secret holding the Machine's SSH key, for drivers that offer SSH.
     pub ssh_key_secret: Option<String>,
+    /// The Secrets the Machine uses, each guarded by machinist's finalizer, as read this
+    /// reconcile; `None` when they were not all read (the status keeps what it had).
+    pub secrets: Option<Vec<crate::api::SecretUse>>,
     /// The host key the driver's own SSH logins trusted at first contact, to pin
     /// ([`Driver::first_contact_host_key`](machinist_drivers::Driver::first_contact_host_key)).
     pub first_contact_host_key: Option<String>,

@@ -280,3 +280,27 @@ pub(super) fn summarize_ready(c: &mut Conditions<'_>, machine: &Machine) {
         None => c.set(ConditionType::Ready, true, "Ready", "the instance is running and ready"),
     }
 }
+
+/// Records the Secrets the Machine uses; a Secret whose deletion is held for this Machine
+/// is said once, in a Warning Event.
+pub(super) fn record_secrets(status: &mut MachineStatus, input: &Input<'_>, notes: &mut Vec<Note>) {
+    let Some(secrets) = &input.secrets else { return };
+    let ns = input.machine.metadata.namespace.as_deref().unwrap_or_default();
+    for used in secrets.iter().filter(|u| u.deletion_held) {
+        let known = status.secrets.iter().any(|s| s.name == used.name && s.deletion_held);
+        if !known {
+            notes.push(Note::warning(
+                "SecretInUse",
+                "Protect",
+                format!(
+                    "the Secret {ns}/{} ({}) was deleted while this Machine uses it; it stays until no Machine in the \
+                     namespace uses it (finalizer {})",
+                    used.name,
+                    used.field,
+                    crate::api::SECRET_FINALIZER
+                ),
+            ));
+        }
+    }
+    status.secrets = secrets.clone();
+}

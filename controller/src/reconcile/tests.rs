@@ -828,8 +828,7 @@ fn invalid_spec_names_the_field_and_warns_once() {
     assert!(message(&first.status, ConditionType::Ready).contains("spec.driver.fake.instanceType"));
     assert_eq!(warnings(&first.notes), ["InvalidSpec"]);
     assert!(first.notes[0].message.contains("spec.driver.fake.instanceType"));
-    let failures = first.status.failures.clone().expect("failures recorded");
-    assert_eq!(failures.next_retry_time, None, "no retry until the spec changes");
+    assert_eq!(first.status.failures, None, "no attempt was made: nothing to count or hold back");
 
     let second = plan(&input_at(&feed(&machine, &first.status), Observed::InvalidSpec(invalid_config()), at(60)));
     assert!(second.notes.is_empty(), "warned once: {:?}", second.notes);
@@ -840,6 +839,10 @@ fn invalid_spec_names_the_field_and_warns_once() {
     let fixed = feed(&machine, &second.status).with_generation(2).with_power_state(PowerState::Stopped);
     let third = plan(&input_at(&fixed, instance(State::Running), at(61)));
     assert_eq!(third.step, planned(Step::Stop { escalate_after: secs(300) }, Cause::Converge));
+    // Fixed outside the spec (a Secret it names appeared): at once too.
+    let appeared =
+        feed(&Machine::test(), &plan(&input(&Machine::test(), Observed::InvalidSpec(invalid_config()))).status);
+    assert_eq!(plan(&input_at(&appeared, Observed::NoInstance, at(1))).step, planned(Step::Create, Cause::Converge));
 }
 
 #[test]
@@ -2022,6 +2025,7 @@ mod simulation {
                 observed: observed.clone(),
                 offers_ssh: false,
                 ssh_key_secret: None,
+                secrets: None,
                 first_contact_host_key: None,
                 now: self.now,
                 jitter: self.jitter,

@@ -1,0 +1,120 @@
+//! The Secrets a Machine uses, guarded as Kubernetes guards a PVC in use
+//! (`kubernetes.io/pvc-protection`): each carries the finalizer
+//! `machinist.dev/secret-protection` from before the first driver call that needs it until
+//! no Machine in its namespace uses it. A Secret deleted meanwhile (by a user, or by the
+//! namespace controller while the namespace terminates) stays, with its
+//! `deletionTimestamp`, so Remove still has the credentials it needs.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use machinist_drivers::DriverError;
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use super::machine::Context;
+use crate::api::{FIELD_MANAGER, Machine, SECRET_FINALIZER, SecretUse};
+
+/// Reads a Secret the Machine names in `field`, and guards it first. A Secret that does
+/// not exist is an invalid spec that says so (the Secret watch brings the Machine back the
+/// moment it appears).
+pub async fn read(
+    ctx: &Context,
+    machine: &Machine,
+    field: &str,
+    name: &str,
+) -> Result<(Secret, SecretUse), DriverError> {
+    let ns = machine.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let secret = secrets
+        .get_opt(name)
+        .await
+        .map_err(|e| DriverError::transient(format!("reading the Secret {ns}/{name} ({field}): {e}")))?
+        .ok_or_else(|| {
+            DriverError::invalid_config(
+                field,
+                format!("the Secret {ns}/{name} does not exist; create it, and the Machine carries on at once"),
+            )
+        })?;
+    let secret = guard(&secrets, secret).await.map_err(|e| {
+        DriverError::transient(format!("protecting the Secret {ns}/{name} ({field}) while the Machine uses it: {e}"))
+    })?;
+    let used = SecretUse {
+        name: name.to_string(),
+        field: field.to_string(),
+        deletion_held: secret.metadata.deletion_timestamp.is_some(),
+    };
+    Ok((secret, used))
+}
+
+/// Adds machinist's finalizer, unless the Secret has it, or is being deleted already
+/// (Kubernetes refuses new finalizers then; it may still go).
+pub(super) async fn guard(secrets: &Api<Secret>, secret: Secret) -> Result<Secret, kube::Error> {
+    if secret.finalizers().iter().any(|f| f == SECRET_FINALIZER) || secret.metadata.deletion_timestamp.is_some() {
+        return Ok(secret);
+    }
+    let mut finalizers = secret.finalizers().to_vec();
+    finalizers.push(SECRET_FINALIZER.to_string());
+    let guarded = patch_finalizers(secrets, &secret, finalizers).await?;
+    debug!(secret = %secret.name_any(), "protecting the Secret while a Machine uses it");
+    Ok(guarded)
+}
+
+/// Replaces the finalizer list, on the condition that the Secret did not change since it
+/// was read (a JSON patch `test` of its resourceVersion): others' finalizers are never lost.
+async fn patch_finalizers(
+    secrets: &Api<Secret>,
+    secret: &Secret,
+    finalizers: Vec<String>,
+) -> Result<Secret, kube::Error> {
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        { "op": "test", "path": "/metadata/resourceVersion", "value": secret.resource_version() },
+        { "op": "add", "path": "/metadata/finalizers", "value": finalizers },
+    ]))
+    .expect("a valid JSON patch");
+    let params = PatchParams { field_manager: Some(FIELD_MANAGER.to_string()), ..Default::default() };
+    secrets.patch(&secret.name_any(), &params, &Patch::<()>::Json(patch)).await
+}
+
+/// Releases each of `names` that no other Machine in `machine`'s namespace uses.
+pub async fn release_unused(ctx: &Context, machine: &Machine, names: impl IntoIterator<Item = String>) {
+    let ns = machine.namespace().unwrap_or_default();
+    let uid = machine.uid();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    for name in names {
+        let used_elsewhere = ctx.machines.state().iter().any(|other| match &other.0 {
+            Ok(m) => m.namespace().as_deref() == Some(ns.as_str()) && m.uid() != uid && m.uses_secret(&name),
+            Err(_) => false,
+        });
+        if used_elsewhere {
+            debug!(secret = %name, "another Machine uses the Secret: it stays protected");
+            continue;
+        }
+        if let Err(error) = release(&secrets, &name).await {
+            warn!(secret = %name, %error, "could not release the Secret; it is released when a Machine next lets go of it");
+        }
+    }
+}
+
+/// Removes machinist's finalizer from the Secret, if it has it; tries twice, since the
+/// Secret may change between the read and the patch.
+async fn release(secrets: &Api<Secret>, name: &str) -> Result<(), kube::Error> {
+    for attempt in 0..2 {
+        let Some(secret) = secrets.get_opt(name).await? else { return Ok(()) };
+        if !secret.finalizers().iter().any(|f| f == SECRET_FINALIZER) {
+            return Ok(());
+        }
+        let finalizers: Vec<String> = secret.finalizers().iter().filter(|f| *f != SECRET_FINALIZER).cloned().collect();
+        match patch_finalizers(secrets, &secret, finalizers).await {
+            Ok(_) => {
+                info!(secret = name, "no Machine uses the Secret any more: released it");
+                return Ok(());
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+            // The resourceVersion test failed: read it again.
+            Err(kube::Error::Api(e)) if attempt == 0 && (e.code == 409 || e.code == 422) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! The Secrets a Machine uses end to end: guarded by machinist's finalizer from before
+//! the first driver call until no Machine in the namespace uses them, a deletion held
+//! and said, references changed and released, and a Secret that does not exist yet.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, ResourceExt};
+use machinist::api::{ConditionType, Machine, SECRET_FINALIZER};
+use machinist_e2e::{Env, condition, ensure_eq, fake_machine};
+use serde_json::json;
+
+async fn create_secret(env: &Env, name: &str) -> Result<Secret> {
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+        data: Some(BTreeMap::from([("token".to_string(), ByteString(b"s3cret".to_vec()))])),
+        ..Default::default()
+    };
+    Ok(secrets.create(&PostParams::default(), &secret).await?)
+}
+
+fn secrets_api(env: &Env) -> Api<Secret> {
+    Api::namespaced(env.client.clone(), &env.namespace)
+}
+
+fn guarded(secret: &Secret) -> bool {
+    secret.finalizers().iter().any(|f| f == SECRET_FINALIZER)
+}
+
+fn used(m: &Machine) -> Vec<(String, bool)> {
+    m.status.iter().flat_map(|s| s.secrets.iter().map(|u| (u.name.clone(), u.deletion_held))).collect()
+}
+
+/// Waits until the Secret is in the given state (`None`: gone).
+async fn wait_secret(env: &Env, name: &str, what: &str, check: impl Fn(Option<&Secret>) -> bool) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let secret = secrets_api(env).get_opt(name).await?;
+        if check(secret.as_ref()) {
+            return Ok(());
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "Secret {name} is not {what}: {secret:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn with_credentials(name: &str, secret: &str) -> String {
+    fake_machine(name, "{}", &format!("  credentialsSecretRef:\n    name: {secret}\n"))
+}
+
+#[tokio::test]
+async fn a_secret_in_use_is_guarded_until_no_machine_uses_it() -> Result<()> {
+    let env = Env::new("secretguard").await?;
+    create_secret(&env, "creds").await?;
+    env.create(&with_credentials("a", "creds")).await?;
+    env.create(&with_credentials("b", "creds")).await?;
+    let a = env.wait_ready("a").await?;
+    env.wait_ready("b").await?;
+    ensure_eq(used(&a), vec![("creds".to_string(), false)], "status.secrets")?;
+    ensure!(guarded(&secrets_api(&env).get("creds").await?), "the Secret carries {SECRET_FINALIZER}");
+
+    // Deleted while in use: it stays, and the Machines say so (once).
+    secrets_api(&env).delete("creds", &DeleteParams::default()).await?;
+    wait_secret(&env, "creds", "held with a deletionTimestamp", |s| {
+        s.is_some_and(|s| s.metadata.deletion_timestamp.is_some() && guarded(s))
+    })
+    .await?;
+    let held = env
+        .wait_for("a", "saying the Secret's deletion is held", Duration::from_secs(30), |m| {
+            used(m) == [("creds".to_string(), true)]
+        })
+        .await?;
+    env.wait_event("a", "SecretInUse").await?;
+    ensure_eq(condition(&held, ConditionType::Ready).unwrap().status.as_str(), "True", "Ready meanwhile")?;
+
+    // One Machine lets go (a new Secret): the other still holds it.
+    create_secret(&env, "creds-2").await?;
+    env.patch("a", json!({ "spec": { "credentialsSecretRef": { "name": "creds-2" } } })).await?;
+    env.wait_for("a", "using creds-2", Duration::from_secs(30), |m| used(m) == [("creds-2".to_string(), false)])
+        .await?;
+    ensure!(guarded(&secrets_api(&env).get("creds-2").await?), "the new Secret is guarded");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure!(secrets_api(&env).get_opt("creds").await?.is_some(), "b still uses creds: it stays");
+
+    // The last one goes: the Secret is released, and its deletion completes.
+    env.delete_and_wait("b").await?;
+    wait_secret(&env, "creds", "gone", |s| s.is_none()).await?;
+    // Deleting a's Machine releases creds-2, which then is an ordinary Secret again.
+    env.delete_and_wait("a").await?;
+    wait_secret(&env, "creds-2", "released", |s| s.is_some_and(|s| !guarded(s))).await?;
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn a_machine_naming_a_missing_secret_waits_for_it_without_a_driver_call() -> Result<()> {
+    let env = Env::new("secretmissing").await?;
+    let m = env.create(&with_credentials("m", "later")).await?;
+    let waiting = env.wait_condition("m", ConditionType::Ready, "False", Some("InvalidSpec")).await?;
+    let message = condition(&waiting, ConditionType::Ready).unwrap().message.clone();
+    ensure!(message.contains(&format!("{}/later", env.namespace)) && message.contains("does not exist"), "{message}");
+    env.wait_event("m", "InvalidSpec").await?;
+    ensure!(env.instances(&m).is_empty(), "no driver call without the Secret");
+    // Quiet meanwhile: recorded once.
+    env.unchanged_for("m", Duration::from_secs(3)).await?;
+
+    // It appears: the Machine carries on at once (an invalid spec has no timer; only the
+    // Secret watch can wake it).
+    create_secret(&env, "later").await?;
+    let ready = env.wait_ready("m").await?;
+    ensure_eq(used(&ready), vec![("later".to_string(), false)], "status.secrets")?;
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn deleting_a_machine_whose_secret_never_existed_needs_no_driver_call() -> Result<()> {
+    let env = Env::new("secretnever").await?;
+    let m = env.create(&with_credentials("m", "never")).await?;
+    env.wait_condition("m", ConditionType::Ready, "False", Some("InvalidSpec")).await?;
+    env.delete_and_wait("m").await?;
+    ensure!(env.instances(&m).is_empty());
+    env.cleanup().await
+}
