@@ -408,6 +408,7 @@ def test_default_args_and_env(chart: helm.Chart) -> None:
         "--metrics-address=0.0.0.0:8080",
         "--poll-interval=60",
         "--driver-timeout=600",
+        "--shutdown-timeout=55",
         "--leader-elect",
         f"--leader-election-namespace={NAMESPACE}",
         "--leader-election-lease=machinist",
@@ -433,6 +434,12 @@ def test_tuning_values_reach_the_args(chart: helm.Chart) -> None:
     # Large numbers stay integers (Helm reads numbers as floats).
     a = args(render(chart, {"driverTimeoutSeconds": 10_000_000}))
     assert "--driver-timeout=10000000" in a
+
+
+def test_in_flight_calls_are_cut_before_the_pod_is_killed(chart: helm.Chart) -> None:
+    objects = render(chart, {"terminationGracePeriodSeconds": 120})
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+    assert "--shutdown-timeout=115" in args(objects)
 
 
 def test_leader_election_args(chart: helm.Chart) -> None:
@@ -582,6 +589,7 @@ FLAG_ENV = {
     "--metrics-address": "MACHINIST_METRICS_ADDRESS",
     "--poll-interval": "MACHINIST_POLL_INTERVAL",
     "--driver-timeout": "MACHINIST_DRIVER_TIMEOUT",
+    "--shutdown-timeout": "MACHINIST_SHUTDOWN_TIMEOUT",
     "--leader-elect": "MACHINIST_LEADER_ELECT",
     "--leader-election-namespace": "MACHINIST_LEADER_ELECTION_NAMESPACE",
     "--leader-election-lease": "MACHINIST_LEADER_ELECTION_LEASE",

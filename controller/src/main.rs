@@ -72,6 +72,10 @@ struct RunArgs {
     /// Seconds the longest driver call may take before it counts as failed.
     #[arg(long, env = "MACHINIST_DRIVER_TIMEOUT", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     driver_timeout: u64,
+    /// Seconds in-flight reconciles get to finish after SIGTERM before they are cut short
+    /// (keep it below the pod's terminationGracePeriodSeconds).
+    #[arg(long, env = "MACHINIST_SHUTDOWN_TIMEOUT", default_value_t = 25)]
+    shutdown_timeout: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -138,6 +142,7 @@ async fn run_controller(args: Box<RunArgs>) -> anyhow::Result<()> {
         metrics_address: Some(args.metrics_address),
         instance: pod,
         leader_election,
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         ..RunConfig::default()
     };
     run(client, config, shutdown_signal()).await?;

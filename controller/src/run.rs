@@ -41,6 +41,10 @@ pub struct RunConfig {
     pub instance: Option<String>,
     /// Compete for a Lease and reconcile only while holding it.
     pub leader_election: Option<LeaderElectionConfig>,
+    /// How long in-flight reconciles may take to finish after the shutdown signal; then
+    /// they are cut short (the next start finds out by observation what they did). Keep it
+    /// below the pod's `terminationGracePeriodSeconds`, so the process exits on its own.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for RunConfig {
@@ -55,6 +59,7 @@ impl Default for RunConfig {
             metrics_address: None,
             instance: None,
             leader_election: None,
+            shutdown_timeout: Duration::from_secs(25),
         }
     }
 }
@@ -142,10 +147,11 @@ pub async fn run(
             }
         }
     }));
-    let reconciling = controller.run(reconcile_counted, k8s::error_policy, ctx).for_each(move |result| {
+    let draining = controller.run(reconcile_counted, k8s::error_policy, ctx).for_each(move |result| {
         let metrics = metrics.clone();
         async move { log_result(result, &metrics) }
     });
+    let reconciling = drain_within(draining, shutdown.clone(), config.shutdown_timeout);
 
     let Some(election) = config.leader_election.clone() else {
         info!(
@@ -181,6 +187,24 @@ pub async fn run(
             tracing::error!(%reason, "lost leadership: stopping at once");
             Err(RunError::LostLeadership(reason))
         }
+    }
+}
+
+/// Runs the controller's stream to its end, but no longer than `timeout` after
+/// `shutdown`: a driver call that would outlast the pod's grace period is cut short here
+/// rather than by SIGKILL, and the process still exits cleanly.
+async fn drain_within(draining: impl Future<Output = ()>, shutdown: impl Future<Output = ()>, timeout: Duration) {
+    let deadline = async {
+        shutdown.await;
+        tokio::time::sleep(timeout).await;
+    };
+    tokio::select! {
+        () = draining => {}
+        () = deadline => warn!(
+            timeout_secs = timeout.as_secs(),
+            "in-flight reconciles did not finish in time after the shutdown signal: cut short; the next start \
+             observes what they did"
+        ),
     }
 }
 

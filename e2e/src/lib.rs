@@ -222,6 +222,8 @@ impl Env {
             driver_call_timeout: Duration::from_secs(30),
             instance: Some(format!("e2e-{}", self.namespace)),
             metrics_address: None,
+            // Well inside `ControllerHandle::stop`'s 30 s, under load too.
+            shutdown_timeout: Duration::from_secs(10),
             ..RunConfig::default()
         }
     }

@@ -6,6 +6,7 @@ use anyhow::Result;
 use kube::ResourceExt;
 use kube::api::DeleteParams;
 use machinist::api::ConditionType;
+use machinist::run::RunConfig;
 use machinist_e2e::{Env, ensure_eq, fake_machine};
 
 #[tokio::test]
@@ -85,5 +86,28 @@ async fn remove_failure_keeps_the_finalizer_until_it_succeeds() -> Result<()> {
     env.wait_event("m", "TransientError").await?;
     env.delete_and_wait("m").await?;
     ensure_eq(env.instances(&m).len(), 0, "instances after the retried Remove")?;
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn a_call_outlasting_the_shutdown_timeout_is_cut_and_recovered_by_the_next_start() -> Result<()> {
+    let mut env = Env::idle("shutdowncut").await?;
+    let config = RunConfig { shutdown_timeout: Duration::from_secs(1), ..env.run_config() };
+    let controller = env.spawn_controller(config);
+    // Create takes two minutes: far longer than the pod's grace period.
+    let m = env.create(&fake_machine("m", "{latencyMillis: {create: 120000}}", "")).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while env.instances(&m).is_empty() {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "Create never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Stops within its own bound (ControllerHandle::stop fails after 30 s), not after
+    // the call.
+    controller.stop().await?;
+
+    // The next start finds the instance by the Machine's UID: no second one.
+    env.start_controller();
+    env.wait_event("m", "Adopted").await?;
+    ensure_eq(env.instances(&m).len(), 1, "instances")?;
     env.cleanup().await
 }
