@@ -1,30 +1,79 @@
 //! The amazonec2 driver end to end: the controller against moto's EC2 emulator (a real
 //! EC2 API the test starts on loopback), with the Machine's credentials in a Secret.
 //!
-//! moto's instances have addresses but nothing behind them, so SSH can never answer:
-//! these Machines reach `InstanceCreated` and `PowerStateSynced` but stay `SSHReady=False`
-//! (and so `Ready=False`). That is asserted as such; SSHReady itself is covered by the
-//! generic driver's test against a real sshd (`ssh.rs`).
+//! Every Machine here reaches moto through a `FaultProxy` that rewrites each instance's
+//! addresses to 127.0.0.1: moto makes up 10.x and public addresses, and the controller's
+//! SSH check must never connect anywhere but loopback. Where SSH is not the point, the
+//! Machine's `spec.ssh.port` is a loopback port this test holds and never listens on, so
+//! SSH is refused (`SSHReady=False`, `ConnectionRefused`, and so `Ready=False`). Where it
+//! is the point, the port is a real sshd's (machinist-test-sshd) and the proxy serves the
+//! console cloud-init would print: the first contact is held to the fingerprints it shows.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 use machinist::api::{ConditionType, Machine};
-use machinist_drivers::amazonec2::{CredentialSource, Ec2Connector, UID_TAG};
+use machinist_drivers::amazonec2::{CONSOLE_HOST_KEYS_WAIT, CredentialSource, Ec2Connector, UID_TAG};
 use machinist_drivers::{CreateRequest, Credentials, Drivers, MachineRef, State};
 use machinist_e2e::{Env, condition, ensure_eq};
-use machinist_test_moto::{AMI, Moto, REGION, SECRET_ACCESS_KEY, credentials_secret_data};
+use machinist_test_moto::{AMI, FaultProxy, Moto, REGION, SECRET_ACCESS_KEY, credentials_secret_data};
+use machinist_test_sshd::TestSshd;
 use serde_json::json;
 
-fn ec2_machine(name: &str, moto: &Moto) -> String {
+/// moto behind a proxy that gives every instance the address 127.0.0.1.
+fn loopback_proxy(moto: &Moto) -> FaultProxy {
+    let proxy = FaultProxy::start(moto);
+    proxy.rewrite_addresses("127.0.0.1");
+    proxy
+}
+
+/// A loopback port where nothing listens, for as long as the socket is held: bound (so
+/// no server of a test running alongside can get it) but never listening, so every
+/// connection to it is refused.
+fn refusing_port() -> Result<(tokio::net::TcpSocket, u16)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    let port = socket.local_addr()?.port();
+    Ok((socket, port))
+}
+
+/// An amazonec2 Machine reaching EC2 through `proxy`, with SSH on 127.0.0.1:`ssh_port`
+/// as `ssh_user` (the driver's default user when `None`).
+fn ec2_machine(name: &str, proxy: &FaultProxy, ssh_port: u16, ssh_user: Option<&str>) -> String {
+    let user = ssh_user.map(|u| format!("\n    user: {u}")).unwrap_or_default();
     format!(
-        "apiVersion: machinist.dev/v1alpha1\nkind: Machine\nmetadata:\n  name: {name}\nspec:\n  driver:\n    amazonec2:\n      region: {REGION}\n      ami: {AMI}\n      endpointUrl: {}\n      sshCidrs: [203.0.113.0/24]\n      tags:\n        team: e2e\n  credentialsSecretRef:\n    name: aws\n",
-        moto.endpoint()
+        "apiVersion: machinist.dev/v1alpha1\nkind: Machine\nmetadata:\n  name: {name}\nspec:\n  driver:\n    amazonec2:\n      region: {REGION}\n      ami: {AMI}\n      endpointUrl: {}\n      sshCidrs: [203.0.113.0/24]\n      tags:\n        team: e2e\n  credentialsSecretRef:\n    name: aws\n  ssh:\n    port: {ssh_port}{user}\n",
+        proxy.endpoint()
+    )
+}
+
+/// Made-up fingerprints of key types the test sshd does not have.
+const OTHER_ECDSA: &str = "SHA256:Yx3bQm1fZ2w9kq2aB7cD8eF9gH0iJ1kL2mN3oP4qR5s";
+const OTHER_ED25519: &str = "SHA256:9kq2Yx3bQm1fZ2w9aB7cD8eF9gH0iJ1kL2mN3oP4qR5";
+const OTHER_RSA: &str = "SHA256:Qm1f+Z2w9kq2/aB7cD8eF9gH0iJ1kL2mN3oP4qR5sT6";
+
+/// What cloud-init prints to an Ubuntu instance's console at boot: the block of SSH host
+/// key fingerprints (ECDSA, ED25519, RSA, in that order), each line behind `ec2: `,
+/// among boot noise.
+fn cloud_init_console(ecdsa: &str, ed25519: &str, rsa: &str) -> String {
+    format!(
+        "[    0.000000] Linux version 6.8.0-1019-aws (buildd@lcy02-amd64-034)\n\
+         [   12.345678] cloud-init[812]: Cloud-init v. 24.1.3 running 'modules:config'\n\
+         ec2: \n\
+         ec2: #############################################################\n\
+         ec2: -----BEGIN SSH HOST KEY FINGERPRINTS-----\n\
+         ec2: 256 {ecdsa} root@ip-172-31-5-9 (ECDSA)\n\
+         ec2: 256 {ed25519} root@ip-172-31-5-9 (ED25519)\n\
+         ec2: 3072 {rsa} root@ip-172-31-5-9 (RSA)\n\
+         ec2: -----END SSH HOST KEY FINGERPRINTS-----\n\
+         ec2: #############################################################\n\
+         [   13.000001] cloud-init[812]: Cloud-init v. 24.1.3 finished\n"
     )
 }
 
@@ -71,22 +120,67 @@ async fn tagged(client: &aws_sdk_ec2::Client, uid: &str) -> Result<(Vec<(String,
     Ok((instances, keys, groups))
 }
 
+/// Deletes the Machine and checks that nothing tagged with its UID is left in moto.
+async fn delete_leaving_nothing(env: &Env, client: &aws_sdk_ec2::Client, name: &str, uid: &str) -> Result<()> {
+    env.delete_and_wait(name).await?;
+    let (instances, keys, groups) = tagged(client, uid).await?;
+    ensure_eq((instances.len(), keys.len(), groups.len()), (0, 0, 0), "left tagged with the UID")
+}
+
 fn state_of(m: &Machine) -> Option<State> {
     m.status.as_ref().and_then(|s| s.state)
+}
+
+fn ssh_ready_message(m: &Machine) -> String {
+    condition(m, ConditionType::SSHReady).map(|c| c.message.clone()).unwrap_or_default()
+}
+
+/// What cloud-init does on a real instance: authorizes the Machine's public key (from
+/// its generated Secret, once it exists) for the sshd's user.
+async fn authorize_machine_key(env: &Env, sshd: &TestSshd, name: &str) -> Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    let secret_name = format!("{name}-ssh-key");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let secret = loop {
+        if let Some(secret) = secrets.get_opt(&secret_name).await? {
+            break secret;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no Secret {secret_name} within 30s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let public = secret.data.as_ref().and_then(|d| d.get("ssh-publickey")).context("ssh-publickey")?.0.clone();
+    let path = sshd.authorized_keys_path();
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    std::fs::write(&path, format!("{}\n", String::from_utf8(public)?.trim()))?;
+    Ok(())
+}
+
+/// Waits for the instance id in `status.providerID`.
+async fn provider_id(env: &Env, name: &str) -> Result<String> {
+    let m = env
+        .wait_for(name, "with a providerID", Duration::from_secs(60), |m| {
+            m.status.as_ref().is_some_and(|s| s.provider_id.is_some())
+        })
+        .await?;
+    Ok(m.status.unwrap().provider_id.unwrap())
 }
 
 #[tokio::test]
 async fn amazonec2_machine_end_to_end() -> Result<()> {
     let moto = Moto::start();
+    let proxy = loopback_proxy(&moto);
+    // The instance printed its host keys, as cloud-init does; nothing answers SSH.
+    proxy.console_output(&cloud_init_console(OTHER_ECDSA, OTHER_ED25519, OTHER_RSA));
+    let (_refusing, port) = refusing_port()?;
     let client = ec2(&moto).await;
     let env = Env::new("ec2").await?;
     aws_secret(&env).await?;
-    let m = env.create(&ec2_machine("web", &moto)).await?;
+    let m = env.create(&ec2_machine("web", &proxy, port, None)).await?;
     let uid = m.uid().unwrap();
 
     // Launched, running, addressed; the key pair and the security group made for it.
     let running = env
-        .wait_for("web", "running on EC2", std::time::Duration::from_secs(60), |m| {
+        .wait_for("web", "running on EC2", Duration::from_secs(60), |m| {
             condition(m, ConditionType::PowerStateSynced).is_some_and(|c| c.status == "True")
         })
         .await?;
@@ -96,6 +190,7 @@ async fn amazonec2_machine_end_to_end() -> Result<()> {
     ensure_eq(status.driver.as_deref(), Some("amazonec2"), "status.driver")?;
     ensure_eq(state_of(&running), Some(State::Running), "state")?;
     assert!(!status.addresses.is_empty(), "addresses: {:?}", status.addresses);
+    assert!(status.addresses.iter().all(|a| a.address == "127.0.0.1"), "loopback only: {:?}", status.addresses);
     ensure_eq(condition(&running, ConditionType::InstanceCreated).unwrap().status.as_str(), "True", "InstanceCreated")?;
     let (instances, keys, groups) = tagged(&client, &uid).await?;
     ensure_eq(instances, vec![(id.clone(), "running".to_string())], "instances tagged with the UID")?;
@@ -112,8 +207,10 @@ async fn amazonec2_machine_end_to_end() -> Result<()> {
     let body = |k: &str| k.split_whitespace().nth(1).unwrap_or_default().to_string();
     ensure_eq(body(&imported), body(&public), "the imported public key")?;
 
-    // moto cannot be reached over SSH: SSHReady says so and Ready stays False.
-    let unreachable = env.wait_condition("web", ConditionType::SSHReady, "False", None).await?;
+    // Nothing listens on the instance's SSH port: SSHReady says so and Ready stays False.
+    let unreachable = env.wait_condition("web", ConditionType::SSHReady, "False", Some("ConnectionRefused")).await?;
+    let message = ssh_ready_message(&unreachable);
+    assert!(message.contains(&format!("@127.0.0.1:{port}: connection refused")), "{message}");
     ensure_eq(condition(&unreachable, ConditionType::Ready).unwrap().status.as_str(), "False", "Ready")?;
 
     // Admission keeps the instance's region and the driver kind.
@@ -128,13 +225,10 @@ async fn amazonec2_machine_end_to_end() -> Result<()> {
     env.wait_condition("web", ConditionType::PowerStateSynced, "True", Some("Stopped")).await?;
     ensure_eq(tagged(&client, &uid).await?.0, vec![(id.clone(), "stopped".to_string())], "stopped in EC2")?;
     env.patch("web", json!({ "spec": { "powerState": "Running" } })).await?;
-    env.wait_for("web", "running again", std::time::Duration::from_secs(60), |m| state_of(m) == Some(State::Running))
-        .await?;
+    env.wait_for("web", "running again", Duration::from_secs(60), |m| state_of(m) == Some(State::Running)).await?;
 
     // Deleted: the instance terminated, the key pair and the group gone.
-    env.delete_and_wait("web").await?;
-    let (instances, keys, groups) = tagged(&client, &uid).await?;
-    ensure_eq((instances.len(), keys.len(), groups.len()), (0, 0, 0), "left tagged with the UID")?;
+    delete_leaving_nothing(&env, &client, "web", &uid).await?;
 
     // The secret access key appeared in no log line.
     let logs = machinist_e2e::captured_logs();
@@ -145,10 +239,12 @@ async fn amazonec2_machine_end_to_end() -> Result<()> {
 #[tokio::test]
 async fn a_controller_killed_between_run_instances_and_the_status_write_leaves_one_instance() -> Result<()> {
     let moto = Moto::start();
+    let proxy = loopback_proxy(&moto);
+    let (_refusing, port) = refusing_port()?;
     let client = ec2(&moto).await;
     let mut env = Env::idle("ec2-abort").await?;
     aws_secret(&env).await?;
-    let m = env.create(&ec2_machine("web", &moto)).await?;
+    let m = env.create(&ec2_machine("web", &proxy, port, None)).await?;
     let uid = m.uid().unwrap();
 
     // What the killed controller did: the driver's Create, exactly as it calls it, and
@@ -163,18 +259,117 @@ async fn a_controller_killed_between_run_instances_and_the_status_write_leaves_o
 
     // The next controller finds the instance by its tag and adopts it.
     env.start_controller();
-    let adopted = env
-        .wait_for("web", "with a providerID", std::time::Duration::from_secs(60), |m| {
-            m.status.as_ref().is_some_and(|s| s.provider_id.is_some())
-        })
-        .await?;
-    ensure_eq(adopted.status.unwrap().provider_id, Some(launched.clone()), "providerID")?;
+    ensure_eq(provider_id(&env, "web").await?, launched.clone(), "providerID")?;
     env.wait_event("web", "Adopted").await?;
     let (instances, _, _) = tagged(&client, &uid).await?;
     ensure_eq(instances.len(), 1, "instances for the Machine")?;
 
-    env.delete_and_wait("web").await?;
-    let (instances, keys, groups) = tagged(&client, &uid).await?;
-    ensure_eq((instances.len(), keys.len(), groups.len()), (0, 0, 0), "left tagged with the UID")?;
+    // Just launched, its console (moto's) holds no host keys yet: SSH waits for them
+    // rather than trusting whatever answers first.
+    let waiting = env.wait_condition("web", ConditionType::SSHReady, "Unknown", Some("WaitingForHostKeys")).await?;
+    let message = ssh_ready_message(&waiting);
+    assert!(message.contains(&format!("waiting for {launched} to print its SSH host key fingerprints")), "{message}");
+
+    delete_leaving_nothing(&env, &client, "web", &uid).await?;
+    env.cleanup().await
+}
+
+// The console-pinned path: a real sshd on loopback, the proxy serving the console.
+
+#[tokio::test]
+async fn an_ec2_host_key_is_verified_against_the_console_output_and_pinned() -> Result<()> {
+    let sshd = TestSshd::start();
+    let moto = Moto::start();
+    let proxy = loopback_proxy(&moto);
+    // The sshd's key is ed25519; the other two are keys it does not have.
+    proxy.console_output(&cloud_init_console(OTHER_ECDSA, &sshd.host_key_fingerprint(), OTHER_RSA));
+    let client = ec2(&moto).await;
+    let env = Env::new("ec2-console").await?;
+    aws_secret(&env).await?;
+    let m = env.create(&ec2_machine("web", &proxy, sshd.port(), Some(&sshd.user))).await?;
+    let uid = m.uid().unwrap();
+    authorize_machine_key(&env, &sshd, "web").await?;
+    let id = provider_id(&env, "web").await?;
+
+    let ready = env.wait_ready("web").await?;
+    let message = ssh_ready_message(&ready);
+    ensure_eq(condition(&ready, ConditionType::SSHReady).unwrap().reason.as_str(), "Ready", "SSHReady")?;
+    let verified = format!("host key {} verified against the console output of {id}", sshd.host_key_fingerprint());
+    assert!(message.contains(&verified), "{message}");
+    assert!(message.contains(&format!("127.0.0.1:{} as {}", sshd.port(), sshd.user)), "{message}");
+    let ssh = ready.status.clone().unwrap().ssh.unwrap();
+    ensure_eq(ssh.host_key_fingerprint, Some(sshd.host_key_fingerprint()), "pinned host key")?;
+    ensure_eq(ssh.host.as_deref(), Some("127.0.0.1"), "ssh host")?;
+    assert!(sshd.accepted_logins() >= 1, "the check logged in:\n{}", sshd.log());
+
+    delete_leaving_nothing(&env, &client, "web", &uid).await?;
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn an_ec2_host_presenting_a_key_its_console_does_not_show_gets_no_credential() -> Result<()> {
+    let sshd = TestSshd::start();
+    let moto = Moto::start();
+    let proxy = loopback_proxy(&moto);
+    // The console vouches for three keys, none of them the one the host presents.
+    proxy.console_output(&cloud_init_console(OTHER_ECDSA, OTHER_ED25519, OTHER_RSA));
+    let client = ec2(&moto).await;
+    let env = Env::new("ec2-mismatch").await?;
+    aws_secret(&env).await?;
+    let m = env.create(&ec2_machine("web", &proxy, sshd.port(), Some(&sshd.user))).await?;
+    let uid = m.uid().unwrap();
+    // The key would be accepted: only the host key check can keep machinist out.
+    authorize_machine_key(&env, &sshd, "web").await?;
+
+    let refused = env.wait_condition("web", ConditionType::SSHReady, "False", Some("HostKeyMismatch")).await?;
+    let presented = sshd.host_key_fingerprint();
+    let message = ssh_ready_message(&refused);
+    assert!(message.contains(&format!("presents the host key {presented}")), "{message}");
+    assert!(message.contains(OTHER_ED25519) && message.contains("no credential was offered"), "{message}");
+    ensure_eq(condition(&refused, ConditionType::Ready).unwrap().status.as_str(), "False", "Ready")?;
+    let ssh = refused.status.clone().unwrap().ssh.unwrap();
+    ensure_eq(ssh.presented_host_key_fingerprint, Some(presented.clone()), "presentedHostKeyFingerprint")?;
+    ensure_eq(ssh.host_key_fingerprint, None, "nothing pinned")?;
+    env.wait_event("web", "HostKeyMismatch").await?;
+
+    // Recorded once and not retried; and no credential ever reached the host.
+    env.unchanged_for("web", Duration::from_secs(4)).await?;
+    assert!(sshd.log().contains("Connection from 127.0.0.1"), "the check reached the host:\n{}", sshd.log());
+    ensure_eq(sshd.auth_attempts(), 0, "authentication requests the host saw")?;
+
+    delete_leaving_nothing(&env, &client, "web", &uid).await?;
+    ensure_eq(sshd.auth_attempts(), 0, "authentication requests after the deletion")?;
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn an_ec2_console_without_host_keys_long_after_launch_trusts_the_first_contact_and_says_why() -> Result<()> {
+    let sshd = TestSshd::start();
+    let moto = Moto::start();
+    let proxy = loopback_proxy(&moto);
+    // moto's console has no cloud-init block; the instance is long past the wait for it.
+    proxy.rewrite_launch_time("2020-01-01T00:00:00.000Z");
+    let client = ec2(&moto).await;
+    let env = Env::new("ec2-first-contact").await?;
+    aws_secret(&env).await?;
+    let m = env.create(&ec2_machine("web", &proxy, sshd.port(), Some(&sshd.user))).await?;
+    let uid = m.uid().unwrap();
+    authorize_machine_key(&env, &sshd, "web").await?;
+    let id = provider_id(&env, "web").await?;
+
+    let ready = env.wait_ready("web").await?;
+    let message = ssh_ready_message(&ready);
+    let minutes = CONSOLE_HOST_KEYS_WAIT.as_secs() / 60;
+    let why = format!(
+        "host key {} trusted at first contact and pinned (the console output of {id} shows no SSH host key \
+         fingerprints from cloud-init {minutes} min after launch",
+        sshd.host_key_fingerprint()
+    );
+    assert!(message.contains(&why), "{message}");
+    assert!(!message.contains("verified"), "{message}");
+    let ssh = ready.status.clone().unwrap().ssh.unwrap();
+    ensure_eq(ssh.host_key_fingerprint, Some(sshd.host_key_fingerprint()), "pinned host key")?;
+
+    delete_leaving_nothing(&env, &client, "web", &uid).await?;
     env.cleanup().await
 }
