@@ -373,3 +373,31 @@ async fn an_ec2_console_without_host_keys_long_after_launch_trusts_the_first_con
     delete_leaving_nothing(&env, &client, "web", &uid).await?;
     env.cleanup().await
 }
+
+/// Accepting the key a console did not list, before anything was pinned: that key alone is
+/// trusted, pinned, and the annotation consumed; no loop (once, a check per reconcile
+/// wrote status about 24 times a second here).
+#[tokio::test]
+async fn accepting_the_key_of_a_first_contact_mismatch_pins_it_without_a_loop() -> Result<()> {
+    let sshd = TestSshd::start();
+    let moto = Moto::start();
+    let proxy = loopback_proxy(&moto);
+    proxy.console_output(&cloud_init_console(OTHER_ECDSA, OTHER_ED25519, OTHER_RSA));
+    let env = Env::new("ec2-accept").await?;
+    aws_secret(&env).await?;
+    env.create(&ec2_machine("web", &proxy, sshd.port(), Some(&sshd.user))).await?;
+    authorize_machine_key(&env, &sshd, "web").await?;
+    env.wait_condition("web", ConditionType::SSHReady, "False", Some("HostKeyMismatch")).await?;
+    let presented = sshd.host_key_fingerprint();
+    // What the condition message tells the user to do.
+    env.patch("web", json!({"metadata": {"annotations": {"machinist.dev/accept-host-key": presented}}})).await?;
+    let ready = env.wait_ready("web").await?;
+    ensure_eq(ready.status.clone().unwrap().ssh.unwrap().host_key_fingerprint, Some(presented), "pinned")?;
+    env.wait_for("web", "converged, with the annotation consumed", Duration::from_secs(30), |m| {
+        !m.annotations().contains_key("machinist.dev/accept-host-key")
+            && m.status.as_ref().and_then(|s| s.observed_generation) == m.metadata.generation
+    })
+    .await?;
+    env.unchanged_for("web", Duration::from_secs(4)).await?;
+    env.cleanup().await
+}

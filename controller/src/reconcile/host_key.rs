@@ -6,8 +6,9 @@
 //! - `spec.driver.generic.hostKeyFingerprint`, when set, is the user's own word: the only
 //!   trusted key.
 //! - Otherwise the pinned key (`status.ssh.hostKeyFingerprint`) is trusted, and so is the
-//!   key the annotation `machinist.dev/accept-host-key` names: honoured only when the
-//!   host presents exactly that key, then pinned, and the annotation is removed.
+//!   key the annotation `machinist.dev/accept-host-key` names (before anything is pinned,
+//!   that one alone, whatever a console lists): honoured only when the host presents
+//!   exactly that key, then pinned, and the annotation is removed.
 //! - Before anything is pinned, the first contact is verified against the provider's
 //!   console where the driver can read it, else trusted, and pinned.
 //! - A mismatch is recorded once and not retried: the user accepts the key (the hold on
@@ -54,8 +55,9 @@ pub fn trusted_host_keys(machine: &Machine) -> Vec<String> {
         return vec![fingerprint.to_string()];
     }
     let mut trusted: Vec<String> = pinned(machine.status.as_ref()).map(str::to_string).into_iter().collect();
+    // Before anything is pinned, an accepted key is the only one: the user's word wins
+    // over a console that does not list it.
     if let Some(accepted) = accept_annotation(machine)
-        && !trusted.is_empty()
         && !trusted.iter().any(|t| t == accepted)
     {
         trusted.push(accepted.to_string());
@@ -65,10 +67,12 @@ pub fn trusted_host_keys(machine: &Machine) -> Vec<String> {
 
 /// Whether the user accepted exactly the key the host presented at the recorded
 /// mismatch: that lifts the hold on the failure, as a spec change lifts other holds.
+/// It holds only where the accepted key is trusted (not under a spec fingerprint), so a
+/// lifted hold can never meet the same mismatch again: no loop.
 pub(super) fn acceptance_pending(before: &MachineStatus, machine: &Machine) -> bool {
     let presented = before.ssh.as_ref().and_then(|s| s.presented_host_key_fingerprint.as_deref());
     before.failures.as_ref().is_some_and(|f| f.reason == HOST_KEY_MISMATCH)
-        && presented.is_some()
+        && presented.is_some_and(|p| trusted_host_keys(machine).iter().any(|t| t == p))
         && presented == accept_annotation(machine)
 }
 
@@ -91,9 +95,12 @@ pub(super) fn mismatch_advice(machine: &Machine, presented: &str) -> String {
              to {presented}"
         ));
     } else {
+        let why = match pinned(machine.status.as_ref()) {
+            Some(_) => "If the host was reinstalled or its key rotated on purpose, accept the new key",
+            None => "If you know this key to be the host's, accept it",
+        };
         advice.push_str(&format!(
-            "If the host was reinstalled or its key rotated on purpose, accept the new key: kubectl annotate machine \
-             {} {ACCEPT_HOST_KEY_ANNOTATION}={presented} --overwrite",
+            "{why}: kubectl annotate machine {} {ACCEPT_HOST_KEY_ANNOTATION}={presented} --overwrite",
             machine.name_any()
         ));
     }

@@ -2363,8 +2363,24 @@ fn the_spec_fingerprint_is_the_only_trusted_key_of_a_generic_machine() {
         machine
     };
     assert_eq!(trusted_host_keys(&generic(Some("SHA256:spec"))), ["SHA256:spec"]);
+    // There, the annotation is not honoured, and so it lifts no hold: no retry loop.
+    let refused = generic(Some("SHA256:spec")).with_status(|s| {
+        s.provider_id = Some(PROVIDER_ID.into());
+        s.state = Some(State::Running);
+        s.ssh.get_or_insert_default().presented_host_key_fingerprint = Some(PRESENTED.into());
+        s.failures = Some(Failures {
+            count: 1,
+            reason: "HostKeyMismatch".into(),
+            message: String::new(),
+            next_retry_time: None,
+        });
+        crate::api::set_condition(&mut s.conditions, ConditionType::Ready, false, "HostKeyMismatch", "", 1, now());
+    });
+    assert_eq!(plan(&ssh_input(&refused)).step, None, "held under a spec fingerprint");
     assert_eq!(trusted_host_keys(&generic(None)), [PINNED, PRESENTED]);
-    assert!(trusted_host_keys(&Machine::test().accepting_host_key(PRESENTED)).is_empty(), "first contact");
+    assert!(trusted_host_keys(&Machine::test()).is_empty(), "first contact");
+    // Accepted before anything was pinned (a console that did not list it): that key alone.
+    assert_eq!(trusted_host_keys(&Machine::test().accepting_host_key(PRESENTED)), [PRESENTED]);
 }
 
 #[test]
