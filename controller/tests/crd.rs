@@ -42,3 +42,33 @@ fn crd_has_contract_names_columns_and_rules() {
     assert_eq!(spec_props["powerState"]["enum"], serde_json::json!(["Running", "Stopped"]));
     assert_eq!(spec_props["stopTimeoutSeconds"]["minimum"], 1.0);
 }
+
+/// Kubernetes knows the integer formats `int32` and `int64` only, and warns on every apply
+/// of a CRD with another (`unrecognized format "uint32"`); the bounds stay in the schema.
+#[test]
+fn integer_formats_are_ones_kubernetes_knows_and_bounds_stay() {
+    let crd: serde_json::Value = serde_yaml::from_str(&crd_yaml()).unwrap();
+    fn walk(value: &serde_json::Value, path: &str, seen: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if map.get("type").and_then(|t| t.as_str()) == Some("integer") {
+                    if let Some(format) = map.get("format").and_then(|f| f.as_str()) {
+                        assert!(["int32", "int64"].contains(&format), "{path}: format {format}");
+                    }
+                    seen.push(path.to_string());
+                }
+                for (key, v) in map {
+                    walk(v, &format!("{path}.{key}"), seen);
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, path, seen)),
+            _ => {}
+        }
+    }
+    let mut integers = Vec::new();
+    walk(&crd, "", &mut integers);
+    assert!(integers.len() > 5, "{integers:?}");
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    let port = &spec["ssh"]["properties"]["port"];
+    assert_eq!((port["minimum"].as_f64(), port["maximum"].as_f64()), (Some(1.0), Some(65535.0)), "{port}");
+}
