@@ -129,6 +129,7 @@ pub async fn run(
         metrics: metrics.clone(),
         written: Default::default(),
         machines: store.clone(),
+        api_failures: Default::default(),
     });
     background.0.push(tokio::spawn(count_phases(store.clone(), metrics.clone())));
     let cache_ready = ready.clone();

@@ -319,6 +319,7 @@ impl Harness {
             metrics: Arc::new(Metrics::default()),
             written: Default::default(),
             machines: kube::runtime::reflector::store().0,
+            api_failures: Default::default(),
         });
         Harness { server, ctx, _dir: dir }
     }
@@ -909,15 +910,21 @@ async fn failed_status_write_after_create_leads_to_adoption_not_a_second_instanc
     let error = h.reconcile().await.expect_err("the providerID could not be written");
 
     assert_eq!(error.metric_label(), "KubeError");
-    assert_eq!(h.error_policy(&error), Action::requeue(Duration::from_secs(5)));
+    // Kubernetes API failures back off per Machine: growing, capped, until a success.
+    let delays: Vec<Duration> = (0..12).map(|_| requeue_after(&h.error_policy(&error)).expect("a requeue")).collect();
+    let first = settings().backoff_base.mul_f64(1.2);
+    assert!(delays[0] <= first, "{delays:?}");
+    assert!(delays[6] > delays[0] * 4, "{delays:?}");
+    assert!(delays.iter().all(|d| *d <= settings().backoff_cap), "{delays:?}");
     // The refused write, and no Created event for a fact the API does not hold.
     let calls = expect_calls(h.take_calls(), &["status"]);
     assert!(assert_status_apply(&calls[0]).provider_id.is_some());
     assert!(h.machine().status.is_none(), "the server stored nothing");
     let id = h.instances()[0].id.clone();
 
-    // The retry finds the tagged instance and adopts it.
+    // The retry finds the tagged instance and adopts it; the backoff starts over.
     h.reconcile().await.expect("the retry succeeds");
+    assert!(requeue_after(&h.error_policy(&error)).expect("a requeue") <= settings().backoff_base.mul_f64(1.2));
     let calls = expect_calls(h.take_calls(), &["status", "event:Normal/Adopted", "event:Normal/Ready"]);
     assert_eq!(assert_status_apply(&calls[0]).provider_id, Some(id));
     let instances = h.instances();

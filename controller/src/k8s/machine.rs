@@ -34,6 +34,27 @@ pub struct Context {
     pub written: super::status::WrittenStatuses,
     /// The controller's cache of Machines: who else uses a Secret.
     pub machines: kube::runtime::reflector::Store<DeserializeGuard<Machine>>,
+    /// Consecutive Kubernetes API failures per Machine (by uid), for their backoff.
+    pub api_failures: ApiFailures,
+}
+
+/// Consecutive reconciles of a Machine that failed on the Kubernetes API, so they back
+/// off like driver errors (exponential, capped, with jitter) instead of hammering a
+/// struggling API server every few seconds. An entry goes at the next success.
+#[derive(Default)]
+pub struct ApiFailures(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+impl ApiFailures {
+    fn failed(&self, uid: &str) -> u32 {
+        let mut counts = self.0.lock().expect("not poisoned");
+        let count = counts.entry(uid.to_string()).or_default();
+        *count = count.saturating_add(1);
+        *count
+    }
+
+    fn succeeded(&self, uid: &str) {
+        self.0.lock().expect("not poisoned").remove(uid);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,8 +113,9 @@ pub async fn reconcile(obj: Arc<DeserializeGuard<Machine>>, ctx: Arc<Context>) -
         Err(invalid) => return Err(report_invalid_object(invalid, &ctx).await),
     };
     let ns = machine.namespace().unwrap_or_default();
+    let uid = machine.uid().unwrap_or_default();
     let api: Api<Machine> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, machine, |event| async {
+    let result = finalizer(&api, FINALIZER, machine, |event| async {
         match event {
             finalizer::Event::Apply(machine) => apply(&api, &machine, &ctx).await,
             finalizer::Event::Cleanup(machine) => cleanup(&api, &machine, &ctx).await,
@@ -109,15 +131,27 @@ pub async fn reconcile(obj: Arc<DeserializeGuard<Machine>>, ctx: Arc<Context>) -
             Ok(Action::await_change())
         }
         e => Err(Error::Finalizer(Box::new(e))),
-    })
+    });
+    if result.is_ok() {
+        ctx.api_failures.succeeded(&uid);
+    }
+    result
 }
 
-/// Requeue after an error: the delay the decision asked for, or a short default.
-pub fn error_policy(_obj: Arc<DeserializeGuard<Machine>>, error: &Error, _ctx: Arc<Context>) -> Action {
+/// Requeue after an error: the delay the decision asked for, or, for a Kubernetes API
+/// failure, a backoff over the Machine's consecutive API failures.
+pub fn error_policy(obj: Arc<DeserializeGuard<Machine>>, error: &Error, ctx: Arc<Context>) -> Action {
     match error.retry() {
         Some(Some(delay)) => Action::requeue(delay),
         Some(None) => Action::await_change(),
-        None => Action::requeue(Duration::from_secs(5)),
+        None => {
+            let uid = match &obj.0 {
+                Ok(m) => m.uid(),
+                Err(invalid) => invalid.metadata.uid.clone(),
+            };
+            let failures = ctx.api_failures.failed(&uid.unwrap_or_default());
+            Action::requeue(reconcile::backoff_delay(&ctx.settings, failures, None, rand::random()))
+        }
     }
 }
 
