@@ -128,10 +128,10 @@ pub async fn run(
         driver_call_timeout: config.driver_call_timeout,
         metrics: metrics.clone(),
         written: Default::default(),
-        machines: store.clone(),
         api_failures: Default::default(),
     });
     background.0.push(tokio::spawn(count_phases(store.clone(), metrics.clone())));
+    background.0.push(tokio::spawn(sweep_secrets(client.clone(), config.namespace.clone())));
     let cache_ready = ready.clone();
     background.0.push(tokio::spawn(async move {
         // Poll again every second: kube-runtime 5.0's Store readiness wakes only its
@@ -273,6 +273,17 @@ impl Drop for Background {
         for task in &self.0 {
             task.abort();
         }
+    }
+}
+
+/// Releases, at start and then every ten minutes, guarded Secrets that no Machine uses
+/// (left by a controller stopped between letting a Machine go and releasing them).
+async fn sweep_secrets(client: Client, namespace: Option<String>) {
+    loop {
+        if let Err(error) = k8s::sweep_secrets(&client, namespace.as_deref()).await {
+            debug!(%error, "sweeping unused guarded Secrets failed; trying again later");
+        }
+        tokio::time::sleep(Duration::from_secs(600)).await;
     }
 }
 

@@ -318,7 +318,6 @@ impl Harness {
             driver_call_timeout: Duration::from_secs(2),
             metrics: Arc::new(Metrics::default()),
             written: Default::default(),
-            machines: kube::runtime::reflector::store().0,
             api_failures: Default::default(),
         });
         Harness { server, ctx, _dir: dir }
@@ -423,7 +422,7 @@ fn expect_calls(calls: Vec<Call>, expected: &[&str]) -> Vec<Call> {
 fn assert_finalizer_added(call: &Call) {
     assert_eq!(call.method, Method::PATCH);
     assert_eq!(call.path, MACHINE_PATH);
-    assert!(call.query.is_empty(), "no query parameters: {:?}", call.query);
+    assert_eq!(call.query, [("fieldManager".to_string(), "machinist".to_string())], "machinist's own field manager");
     assert_eq!(call.content_type.as_deref(), Some("application/json-patch+json"));
     assert_eq!(
         call.body,
@@ -437,7 +436,7 @@ fn assert_finalizer_added(call: &Call) {
 fn assert_finalizer_removed(call: &Call) {
     assert_eq!(call.method, Method::PATCH);
     assert_eq!(call.path, MACHINE_PATH);
-    assert!(call.query.is_empty(), "no query parameters: {:?}", call.query);
+    assert_eq!(call.query, [("fieldManager".to_string(), "machinist".to_string())], "machinist's own field manager");
     assert_eq!(call.content_type.as_deref(), Some("application/json-patch+json"));
     assert_eq!(
         call.body,

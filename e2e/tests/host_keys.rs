@@ -194,3 +194,41 @@ async fn a_machine_whose_host_key_changed_can_be_let_go_with_orphan() -> Result<
     ensure!(authorized.contains(&format!("machinist:{}", m.uid().unwrap())), "Orphan leaves the host alone");
     env.cleanup().await
 }
+
+/// A controller killed between the generic driver's Create (the key installed) and the
+/// status write: the next one finds the key by the Machine's UID tag, adopts the host,
+/// pins its key at that first contact, and installs nothing twice.
+#[tokio::test]
+async fn a_controller_killed_after_a_generic_create_leaves_one_key_and_the_host_adopted() -> Result<()> {
+    let sshd = TestSshd::start();
+    let mut env = Env::idle("hostkeycrash").await?;
+    bootstrap_login(&env, &sshd).await?;
+    let m = env.create(&generic_machine("host", &sshd)).await?;
+    let uid = m.uid().unwrap();
+    let credentials = machinist_drivers::Credentials(BTreeMap::from([(
+        "ssh-privatekey".to_string(),
+        sshd.bootstrap_private_key().into_bytes(),
+    )]));
+    let machine = machinist_drivers::MachineRef {
+        uid: uid.clone(),
+        name: m.name_any(),
+        namespace: env.namespace.clone(),
+        ..Default::default()
+    };
+    let driver =
+        machinist_drivers::Drivers::new(tempfile::tempdir()?.path()).driver(&m.spec.driver, machine, credentials)?;
+    let key = machinist_drivers::ssh::generate_ed25519("machinist:crash");
+    let request = machinist_drivers::CreateRequest { ssh_public_key: Some(key.public_openssh.clone()), ssh_port: None };
+    let id = driver.create(&request).await?;
+    ensure!(env.get("host").await?.status.is_none(), "nothing was written");
+
+    env.start_controller();
+    env.wait_event("host", "Adopted").await?;
+    let adopted = env.wait_for("host", "adopted and pinned", Duration::from_secs(60), |m| pinned(m).is_some()).await?;
+    ensure_eq(adopted.status.as_ref().and_then(|s| s.provider_id.clone()), Some(id), "providerID")?;
+    ensure_eq(pinned(&adopted), Some(sshd.host_key_fingerprint()), "pinned at the adopting contact")?;
+    let authorized = std::fs::read_to_string(sshd.authorized_keys_path())?;
+    let lines = authorized.lines().filter(|l| l.ends_with(&format!("machinist:{uid}"))).count();
+    ensure_eq(lines, 1, "key lines for the Machine")?;
+    env.cleanup().await
+}

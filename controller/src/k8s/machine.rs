@@ -9,7 +9,6 @@ use jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{self, finalizer};
 use kube::{Api, Client, Resource, ResourceExt};
 use machinist_drivers::{
     CREDENTIALS_FIELD, CreateRequest, Credentials, Driver, DriverError, Drivers, MachineRef, Operation, Removal, State,
@@ -32,8 +31,6 @@ pub struct Context {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Statuses written but maybe not yet in the watch cache.
     pub written: super::status::WrittenStatuses,
-    /// The controller's cache of Machines: who else uses a Secret.
-    pub machines: kube::runtime::reflector::Store<DeserializeGuard<Machine>>,
     /// Consecutive Kubernetes API failures per Machine (by uid), for their backoff.
     pub api_failures: ApiFailures,
 }
@@ -61,8 +58,9 @@ impl ApiFailures {
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("{0}")]
-    Finalizer(#[source] Box<finalizer::Error<Error>>),
+    /// Adding or removing the Machine's finalizer failed.
+    #[error("the finalizer {FINALIZER}: {0}")]
+    Finalizer(#[source] kube::Error),
     /// Deletion is waiting (for a retry of Remove, or for the Machine to change).
     #[error("deletion waits: {reason}")]
     DeletionWaits { reason: String, retry: Option<Duration> },
@@ -75,10 +73,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "KubeError",
-            Error::Finalizer(inner) => match inner.as_ref() {
-                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.metric_label(),
-                _ => "FinalizerError",
-            },
+            Error::Finalizer(_) => "FinalizerError",
             Error::DeletionWaits { .. } => "DeletionWaits",
             Error::InvalidObject(_) => "InvalidObject",
         }
@@ -87,12 +82,8 @@ impl Error {
     fn retry(&self) -> Option<Option<Duration>> {
         match self {
             Error::DeletionWaits { retry, .. } => Some(*retry),
-            Error::Finalizer(inner) => match inner.as_ref() {
-                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.retry(),
-                _ => None,
-            },
             Error::InvalidObject(_) => Some(None),
-            Error::Kube(_) => None,
+            Error::Kube(_) | Error::Finalizer(_) => None,
         }
     }
 
@@ -115,23 +106,27 @@ pub async fn reconcile(obj: Arc<DeserializeGuard<Machine>>, ctx: Arc<Context>) -
     let ns = machine.namespace().unwrap_or_default();
     let uid = machine.uid().unwrap_or_default();
     let api: Api<Machine> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, FINALIZER, machine, |event| async {
-        match event {
-            finalizer::Event::Apply(machine) => apply(&api, &machine, &ctx).await,
-            finalizer::Event::Cleanup(machine) => cleanup(&api, &machine, &ctx).await,
-        }
-    })
-    .await
-    .or_else(|e| match e {
-        // Gone already: a reconcile woken before the watch cache saw the deletion.
-        finalizer::Error::RemoveFinalizer(kube::Error::Api(ref api)) if api.code == 404 => Ok(Action::await_change()),
-        // The finalizer list changed under a stale cached copy (the JSON patch's `test`
-        // failed): the watch event for that change brings a fresh reconcile.
-        finalizer::Error::AddFinalizer(kube::Error::Api(ref api)) if api.code == 404 || api.code == 422 => {
-            Ok(Action::await_change())
-        }
-        e => Err(Error::Finalizer(Box::new(e))),
-    });
+    let deleting = machine.metadata.deletion_timestamp.is_some();
+    let ours = machine.finalizers().iter().any(|f| f == FINALIZER);
+    let result = match (deleting, ours) {
+        // The finalizer is on the object before the first driver call; its watch event
+        // brings the reconcile that goes on.
+        (false, false) => super::finalizer::add(&api, &machine).await.map(|()| Action::await_change()),
+        (false, true) => apply(&api, &machine, &ctx).await,
+        (true, true) => match cleanup(&api, &machine, &ctx).await {
+            Ok(action) => match super::finalizer::remove(&api, &machine).await {
+                // Only once the Machine is let go: its Secrets, unless another uses them.
+                Ok(true) => {
+                    release_all(&ctx, &machine).await;
+                    Ok(action)
+                }
+                Ok(false) => Ok(Action::await_change()),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        },
+        (true, false) => Ok(Action::await_change()),
+    };
     if result.is_ok() {
         ctx.api_failures.succeeded(&uid);
     }
@@ -343,13 +338,11 @@ async fn cleanup(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result
                 publish(ctx, machine, &recorded.notes).await;
                 return Err(waits(&recorded.status, retry));
             }
-            release_all(ctx, machine).await;
             ctx.written.forget(machine);
             return Ok(Action::await_change());
         }
         (CleanupNext::Finalize | CleanupNext::RemoveLeftovers, _) => {
             publish(ctx, machine, &plan.notes).await;
-            release_all(ctx, machine).await;
             ctx.written.forget(machine);
             return Ok(Action::await_change());
         }
@@ -389,7 +382,6 @@ async fn cleanup(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result
         }
         _ => {
             publish(ctx, machine, &recorded.notes).await;
-            release_all(ctx, machine).await;
             ctx.written.forget(machine);
             Ok(Action::await_change())
         }

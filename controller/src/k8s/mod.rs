@@ -3,6 +3,7 @@
 
 mod crd;
 mod events;
+mod finalizer;
 mod machine;
 mod secrets;
 mod ssh;
@@ -11,5 +12,6 @@ mod status;
 pub use crd::{CrdError, wait_for_crd};
 pub use events::{EventNote, EventPublisher};
 pub use machine::{Context, Error, error_policy, reconcile};
+pub use secrets::sweep as sweep_secrets;
 pub use ssh::{MachineKey, generated_secret_name};
 pub use status::{WrittenStatuses, patch_status};

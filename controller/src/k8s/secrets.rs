@@ -6,7 +6,8 @@
 //! `deletionTimestamp`, so Remove still has the credentials it needs.
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::core::DeserializeGuard;
 use kube::{Api, ResourceExt};
 use machinist_drivers::DriverError;
 use serde_json::json;
@@ -76,15 +77,57 @@ async fn patch_finalizers(
     secrets.patch(&secret.name_any(), &params, &Patch::<()>::Json(patch)).await
 }
 
-/// Releases each of `names` that no other Machine in `machine`'s namespace uses.
+/// Releases guarded Secrets that no Machine uses any more: what a controller stopped
+/// between letting a Machine go and releasing its Secrets left behind. Run now and then.
+pub async fn sweep(client: &kube::Client, namespace: Option<&str>) -> Result<(), kube::Error> {
+    let secrets: Api<Secret> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let mut guarded: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for secret in secrets.list_metadata(&ListParams::default()).await?.items {
+        if secret.finalizers().iter().any(|f| f == SECRET_FINALIZER) {
+            guarded.entry(secret.namespace().unwrap_or_default()).or_default().push(secret.name_any());
+        }
+    }
+    for (ns, names) in guarded {
+        let machines: Api<DeserializeGuard<Machine>> = Api::namespaced(client.clone(), &ns);
+        let users = machines.list(&ListParams::default()).await?.items;
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+        for name in names {
+            let used = users.iter().any(|m| m.0.as_ref().map_or(true, |m| m.uses_secret(&name)));
+            if !used {
+                release(&secrets, &name).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Releases each of `names` that no other Machine in `machine`'s namespace uses. Asks
+/// the API, not the cache: of two Machines let go at once, the later one must see the
+/// earlier gone, or the Secret would keep its finalizer with no Machine left to remove it.
 pub async fn release_unused(ctx: &Context, machine: &Machine, names: impl IntoIterator<Item = String>) {
+    let names: Vec<String> = names.into_iter().collect();
+    if names.is_empty() {
+        return;
+    }
     let ns = machine.namespace().unwrap_or_default();
     let uid = machine.uid();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let machines: Api<DeserializeGuard<Machine>> = Api::namespaced(ctx.client.clone(), &ns);
+    let others = match machines.list(&ListParams::default()).await {
+        Ok(list) => list.items,
+        Err(error) => {
+            warn!(%error, "could not list the Machines using Secrets; they stay protected for now");
+            return;
+        }
+    };
     for name in names {
-        let used_elsewhere = ctx.machines.state().iter().any(|other| match &other.0 {
-            Ok(m) => m.namespace().as_deref() == Some(ns.as_str()) && m.uid() != uid && m.uses_secret(&name),
-            Err(_) => false,
+        let used_elsewhere = others.iter().any(|other| match &other.0 {
+            Ok(m) => m.uid() != uid && m.uses_secret(&name),
+            // One that cannot be read may use it: keep it.
+            Err(_) => true,
         });
         if used_elsewhere {
             debug!(secret = %name, "another Machine uses the Secret: it stays protected");
