@@ -11,6 +11,8 @@ use kube::Api;
 use kube::api::PostParams;
 use tracing::{debug, info, warn};
 
+use crate::api::FIELD_MANAGER;
+
 /// Who competes for which Lease, and how fast.
 #[derive(Clone, Debug)]
 pub struct LeaderElectionConfig {
@@ -107,12 +109,12 @@ impl LeaderElector {
                     metadata: ObjectMeta { name: Some(self.config.lease_name.clone()), ..Default::default() },
                     spec: Some(spec),
                 };
-                self.api.create(&PostParams::default(), &lease).await
+                self.api.create(&post_params(), &lease).await
             }
             Some(mut lease) => {
                 // Replace with the resourceVersion we read: a concurrent change is a 409.
                 lease.spec = Some(spec);
-                self.api.replace(&self.config.lease_name, &PostParams::default(), &lease).await
+                self.api.replace(&self.config.lease_name, &post_params(), &lease).await
             }
         };
         match result {
@@ -178,7 +180,7 @@ impl LeaderElector {
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(MicroTime(Timestamp::now()));
-        match self.api.replace(&self.config.lease_name, &PostParams::default(), &lease).await {
+        match self.api.replace(&self.config.lease_name, &post_params(), &lease).await {
             Ok(_) => info!("released the leader-election Lease"),
             Err(e) => warn!(error = %e, "releasing the leader-election Lease failed"),
         }
@@ -236,4 +238,9 @@ mod tests {
         assert!(config.renew_deadline() < config.lease_duration);
         assert_eq!(config.retry_period(), Duration::from_secs(5));
     }
+}
+
+/// Every Lease write under machinist's field manager.
+fn post_params() -> PostParams {
+    PostParams { field_manager: Some(FIELD_MANAGER.to_string()), ..Default::default() }
 }

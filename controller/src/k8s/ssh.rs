@@ -14,7 +14,7 @@ use machinist_drivers::ssh::{self, SshAuth, SshError, SshPrivateKey, SshTarget};
 use machinist_drivers::{Driver, DriverError, HostKeys};
 
 use super::machine::Context;
-use crate::api::{Machine, SECRET_FINALIZER, SecretUse, machine_labels};
+use crate::api::{FIELD_MANAGER, Machine, SECRET_FINALIZER, SecretUse, machine_labels};
 use crate::reconcile::{self, HostKeyTrust, Outcome, SshFailure};
 
 /// How long each SSH step (connect, login, command) of a readiness check may take.
@@ -82,7 +82,10 @@ pub async fn machine_key(machine: &Machine, ctx: &Context) -> Result<(MachineKey
                 ])),
                 ..Default::default()
             };
-            match secrets.create(&PostParams::default(), &secret).await {
+            match secrets
+                .create(&PostParams { field_manager: Some(FIELD_MANAGER.to_string()), ..Default::default() }, &secret)
+                .await
+            {
                 Ok(created) => created,
                 // Made meanwhile (a reconcile from a stale cache): use that one.
                 Err(kube::Error::Api(e)) if e.code == 409 => secrets
