@@ -137,6 +137,30 @@ async fn graceful_stop_that_times_out_is_escalated_to_kill() -> Result<()> {
     env.cleanup().await
 }
 
+/// A guest that ignores the graceful stop while the provider keeps reporting it Running:
+/// one Stop, never repeated, and the Kill after stopTimeoutSeconds.
+#[tokio::test]
+async fn a_graceful_stop_reported_running_is_sent_once_then_killed() -> Result<()> {
+    let env = Env::new("stopignored").await?;
+    let machine = env.create(&fake_machine("m", "{gracefulStop: IgnoreRunning}", "  stopTimeoutSeconds: 3\n")).await?;
+    env.wait_ready("m").await?;
+    env.patch("m", json!({"spec": {"powerState": "Stopped"}})).await?;
+    env.wait_for("m", "stopping while Running is reported", Duration::from_secs(30), |m| {
+        m.status.as_ref().is_some_and(|s| s.phase == Some(Phase::Stopping) && s.state == Some(State::Running))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure_eq(calls(&env, &machine, Operation::Stop), 1, "Stop calls while it is pending")?;
+    env.wait_condition("m", ConditionType::Ready, "False", Some("Stopped")).await?;
+    ensure_eq(calls(&env, &machine, Operation::Stop), 1, "Stop calls")?;
+    ensure_eq(calls(&env, &machine, Operation::Kill), 1, "Kill calls")?;
+    let stopped: Vec<_> =
+        env.events("m").await?.into_iter().filter(|e| e.reason.as_deref() == Some("Stopped")).collect();
+    ensure_eq(stopped.len(), 1, "Stopped Events")?;
+    env.wait_event("m", "StopTimedOut").await?;
+    env.cleanup().await
+}
+
 #[tokio::test]
 async fn machine_stopped_out_of_band_is_started_again() -> Result<()> {
     let env = Env::new("drift").await?;

@@ -195,6 +195,17 @@ fn plan_instance(
     // The Event of a Kill for a stop timeout, published only when the Kill is made.
     let mut escalation: Option<Note> = None;
     let phase;
+    // A stop of machinist's own that the guest has not obeyed yet, while the provider
+    // still reports the instance up (providers that power off by ACPI report Running
+    // until the guest does): it is stopping, whatever the provider says. No second Stop;
+    // the Kill comes after stopTimeoutSeconds, counted from that Stop.
+    let own_stop_pending = spec.power_state == PowerState::Stopped
+        && matches!(state, State::Running | State::Paused | State::Saved)
+        && before.phase == Some(Phase::Stopping)
+        && last_op.is_some_and(|op| {
+            matches!(op.operation, Operation::Stop | Operation::Kill) && op.result != OperationResult::Failed
+        });
+    let state = if own_stop_pending { State::Stopping } else { state };
     match (spec.power_state, state) {
         (PowerState::Running, State::Running) => {
             if let Some(request) = restart {

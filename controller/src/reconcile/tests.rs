@@ -701,6 +701,39 @@ fn stopping_since(stopped_at: jiff::Timestamp, timeout: Option<u32>) -> Machine 
 }
 
 #[test]
+fn a_graceful_stop_the_guest_has_not_obeyed_is_not_sent_again_and_escalates_on_time() {
+    // The provider still reports Running after machinist's Stop (an ACPI power-off the
+    // guest has not acted on): no second Stop while it is pending.
+    for elapsed in [0, 1, 150, 299] {
+        let machine = stopping_since(at(-elapsed), None);
+        let plan = plan(&input(&machine, instance(State::Running)));
+        assert_eq!(plan.step, None, "after {elapsed}s");
+        assert!(plan.notes.is_empty(), "after {elapsed}s: {:?}", plan.notes);
+        assert_eq!(plan.status.phase, Some(Phase::Stopping));
+        assert_eq!(plan.status.state, Some(State::Running), "the state shown is what the provider says");
+        assert!(message(&plan.status, ConditionType::PowerStateSynced).contains("graceful stop"));
+        let due = plan.requeue.expect("looked at again");
+        assert!(due <= SETTINGS.progress_interval && due >= Duration::from_millis(200), "{due:?}");
+    }
+    // Counted from that Stop: killed at stopTimeoutSeconds, with the Warning.
+    let machine = stopping_since(at(-300), None);
+    let plan = plan(&input(&machine, instance(State::Running)));
+    assert_eq!(plan.step, planned(Step::Kill, Cause::StopTimeout));
+    assert_eq!(warnings(&plan.notes), ["StopTimedOut"]);
+    // A failed Stop is no pending one: tried again (after its backoff).
+    let failed = stopping_since(at(-10), None)
+        .with_status(|s| s.last_operation = last_op(Operation::Stop, OperationResult::Failed, at(-10)));
+    assert!(matches!(plan_step(&failed, State::Running), Some(Step::Stop { .. })));
+    // Stopped since, then started out of band: a new stop, once.
+    let stopped_then_started = stopping_since(at(-10), None).with_status(|s| s.phase = Some(Phase::Stopped));
+    assert!(matches!(plan_step(&stopped_then_started, State::Running), Some(Step::Stop { .. })));
+}
+
+fn plan_step(machine: &Machine, state: State) -> Option<Step> {
+    plan(&input(machine, instance(state))).step.map(|p| p.step)
+}
+
+#[test]
 fn stopping_past_the_timeout_is_killed() {
     for (timeout, elapsed) in [(None, 300), (None, 1000), (Some(42), 42)] {
         let machine = stopping_since(at(-elapsed), timeout);

@@ -27,7 +27,7 @@ pub struct FakeConfig {
     #[schemars(length(max = 32))]
     pub failures: Vec<FailureRule>,
     /// Whether the guest honours a graceful stop (default `Honor`). With `Ignore`, Stop
-    /// leaves the instance `Stopping` until it is killed.
+    /// leaves the instance `Stopping` until it is killed; with `IgnoreRunning`, `Running`.
     #[serde(default)]
     pub graceful_stop: GracefulStop,
     /// Where the fake instance answers SSH (for example an sshd of your own): the fake
@@ -138,7 +138,11 @@ pub enum FakeErrorKind {
 pub enum GracefulStop {
     #[default]
     Honor,
+    /// The guest ignores it: the instance stays `Stopping` until killed.
     Ignore,
+    /// The guest ignores it and the provider keeps reporting `Running`, as providers that
+    /// power off by ACPI do until the guest obeys.
+    IgnoreRunning,
 }
 
 impl FakeConfig {

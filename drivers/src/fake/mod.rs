@@ -191,11 +191,12 @@ impl Driver for FakeDriver {
     }
 
     async fn stop(&self, id: &str) -> Result<(), DriverError> {
-        if self.config.graceful_stop == GracefulStop::Ignore {
-            // The guest ignores the shutdown request: stuck in Stopping until killed.
+        if self.config.graceful_stop != GracefulStop::Honor {
+            // The guest ignores the shutdown request: stuck in Stopping (or, as the
+            // provider sees it, still Running) until killed.
             self.call(Operation::Stop).await?;
             let mut record = self.load(id)?;
-            if record.state == State::Running {
+            if record.state == State::Running && self.config.graceful_stop == GracefulStop::Ignore {
                 record.state = State::Stopping;
             }
             record.count(Operation::Stop.as_str());
