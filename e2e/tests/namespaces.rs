@@ -1,0 +1,70 @@
+//! Deleting a namespace that holds Machines, as a user or a GitOps prune does: the
+//! namespace controller deletes the Secrets at once and the Machines get their
+//! deletionTimestamp; the Secrets the Machines use stay (machinist's finalizer) until the
+//! Machines are removed like any other deletion, and then the namespace goes by itself.
+//! Nothing is left at the provider.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, ResourceExt};
+use machinist_e2e::{Env, ensure_eq, fake_machine};
+use machinist_test_sshd::TestSshd;
+
+async fn secret(env: &Env, name: &str, data: BTreeMap<String, Vec<u8>>) -> Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+        data: Some(data.into_iter().map(|(k, v)| (k, ByteString(v))).collect()),
+        ..Default::default()
+    };
+    secrets.create(&PostParams::default(), &secret).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_namespace_holding_machines_is_deleted_by_itself_and_leaves_nothing() -> Result<()> {
+    let sshd = TestSshd::start();
+    let mut env = Env::new("nsdelete").await?;
+    secret(&env, "login", BTreeMap::from([("ssh-privatekey".into(), sshd.bootstrap_private_key().into_bytes())]))
+        .await?;
+    secret(&env, "token", BTreeMap::from([("token".into(), b"t0k3n".to_vec())])).await?;
+    let generic = format!(
+        "apiVersion: machinist.dev/v1alpha1\nkind: Machine\nmetadata:\n  name: host\nspec:\n  driver:\n    generic:\n      address: {}\n      port: {}\n      user: {}\n  credentialsSecretRef:\n    name: login\n",
+        sshd.host(),
+        sshd.port(),
+        sshd.user
+    );
+    let host = env.create(&generic).await?;
+    let fakes = [
+        env.create(&fake_machine("a", "{}", "  credentialsSecretRef:\n    name: token\n")).await?,
+        env.create(&fake_machine("b", "{latencyMillis: {remove: 1500}}", "  credentialsSecretRef:\n    name: token\n"))
+            .await?,
+    ];
+    for name in ["host", "a", "b"] {
+        env.wait_ready(name).await?;
+    }
+    let uid = host.uid().unwrap();
+    ensure!(std::fs::read_to_string(sshd.authorized_keys_path())?.contains(&format!("machinist:{uid}")));
+
+    let namespaces: Api<Namespace> = Api::all(env.client.clone());
+    namespaces.delete(&env.namespace, &DeleteParams::default()).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while namespaces.get_opt(&env.namespace).await?.is_some() {
+        ensure!(tokio::time::Instant::now() < deadline, "namespace {} did not go within 120 s", env.namespace);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for machine in &fakes {
+        ensure_eq(env.instances(machine).len(), 0, "fake instances left")?;
+    }
+    let authorized = std::fs::read_to_string(sshd.authorized_keys_path())?;
+    ensure!(
+        !authorized.contains(&format!("machinist:{uid}")),
+        "the generic host keeps the Machine's key:\n{authorized}"
+    );
+    env.stop_controller().await
+}
