@@ -187,6 +187,11 @@ impl LeaderElector {
     }
 }
 
+/// Every Lease write under machinist's field manager.
+fn post_params() -> PostParams {
+    PostParams { field_manager: Some(FIELD_MANAGER.to_string()), ..Default::default() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,9 +243,4 @@ mod tests {
         assert!(config.renew_deadline() < config.lease_duration);
         assert_eq!(config.retry_period(), Duration::from_secs(5));
     }
-}
-
-/// Every Lease write under machinist's field manager.
-fn post_params() -> PostParams {
-    PostParams { field_manager: Some(FIELD_MANAGER.to_string()), ..Default::default() }
 }

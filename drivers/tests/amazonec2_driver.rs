@@ -2,17 +2,19 @@
 //! test with a server of its own. The tests look at what the driver left in "AWS"
 //! through the same SDK, by the Machine's UID tag.
 
+use std::time::{Duration, Instant, SystemTime};
+
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::types::{Filter, InstanceStateName, ResourceType, Tag, TagSpecification};
 use machinist_drivers::amazonec2::{
-    Amazonec2Config, CAPACITY_RETRY_AFTER, CONSOLE_HOST_KEYS_WAIT, CredentialSource, Ec2Connector, Ec2Driver,
-    SpotConfig, THROTTLED_RETRY_AFTER, UID_TAG,
+    Amazonec2Config, CAPACITY_RETRY_AFTER, CONSOLE_HOST_KEYS_WAIT, CredentialSource, EVENTUAL_CONSISTENCY_GRACE,
+    Ec2Connector, Ec2Driver, IAM_PROPAGATION_WAIT, SpotConfig, THROTTLED_RETRY_AFTER, UID_TAG,
 };
 use machinist_drivers::{
-    AddressType, CreateRequest, Credentials, Driver, DriverError, HostKeys, MachineRef, Operation, State,
+    AddressType, CreateRequest, Credentials, Driver, DriverError, HostKeys, MachineRef, Operation, Removal, State,
 };
 use machinist_test_moto::{
-    AMI, FAULT_REQUEST_ID, FaultProxy, Moto, REGION, SECRET_ACCESS_KEY, credentials_secret_data,
+    AMI, Ec2Timing, FAULT_REQUEST_ID, FaultProxy, Moto, REGION, SECRET_ACCESS_KEY, credentials_secret_data,
 };
 
 const PUBLIC_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHQ3wV3kbLhmRA1tBq2+dQXz2w0t1k6b1a1hZlJpCw7e machinist";
@@ -35,7 +37,25 @@ fn config(moto: &Moto) -> Amazonec2Config {
 }
 
 fn driver(uid: &str, config: Amazonec2Config) -> Ec2Driver {
-    Ec2Driver::new(Ec2Connector::new(), machine(uid), config, &credentials()).expect("a valid driver")
+    driver_for(machine(uid), config)
+}
+
+fn driver_for(machine: MachineRef, config: Amazonec2Config) -> Ec2Driver {
+    Ec2Driver::new(Ec2Connector::new(), machine, config, &credentials()).expect("a valid driver")
+}
+
+/// The Machine as the controller knows it once it recorded the instance id at `at`.
+fn recorded_at(uid: &str, at: SystemTime) -> MachineRef {
+    MachineRef { instance_recorded: Some(at), ..machine(uid) }
+}
+
+/// What kinds of things are tagged with the Machine's UID (`instance`, `key-pair`, ...).
+async fn tagged_kinds(client: &Client, uid: &str) -> Vec<String> {
+    tagged(client, uid).await.iter().map(|t| t.split(' ').next().unwrap().to_string()).collect()
+}
+
+async fn state_in_moto(client: &Client, id: &str) -> Option<InstanceStateName> {
+    instance(client, id).await.state().and_then(|s| s.name()).cloned()
 }
 
 fn request() -> CreateRequest {
@@ -156,13 +176,13 @@ async fn the_whole_lifecycle_leaves_nothing_behind() {
     d.restart(&id).await.unwrap();
     assert_eq!(d.status(&id).await.unwrap(), State::Running);
 
-    // Remove: terminated, and nothing tagged with the Machine's UID remains.
-    d.remove(&id).await.expect("Remove");
+    // Remove: terminated (moto's are at once), and nothing tagged with the Machine's UID remains.
+    assert_eq!(d.remove(&id).await.expect("Remove"), Removal::Done);
     assert_eq!(instance(&client, &id).await.state().and_then(|s| s.name()), Some(&InstanceStateName::Terminated));
     assert_eq!(d.status(&id).await.unwrap(), State::NotFound);
     assert_eq!(tagged(&client, uid).await, Vec::<String>::new());
     assert_eq!(d.find().await.unwrap(), None, "a terminated instance is not adopted");
-    d.remove(&id).await.expect("Remove again is done at once");
+    assert_eq!(d.remove(&id).await.expect("Remove again"), Removal::Done, "done at once");
 }
 
 #[tokio::test]
@@ -198,7 +218,7 @@ async fn an_interrupted_create_reuses_its_key_pair_and_security_group() {
     let found = tagged(&client, uid).await;
     let kinds: Vec<_> = found.iter().map(|t| t.split(' ').next().unwrap()).collect();
     assert_eq!(kinds, ["instance", "key-pair", "security-group", "volume"], "{found:?}");
-    driver(uid, config(&moto)).remove(&id).await.unwrap();
+    assert_eq!(driver(uid, config(&moto)).remove(&id).await.unwrap(), Removal::Done);
     assert_eq!(tagged(&client, uid).await, Vec::<String>::new());
 }
 
@@ -212,7 +232,7 @@ async fn leftovers_of_a_failed_create_are_removed_without_an_instance() {
     d.create(&request()).await.expect_err("RunInstances fails");
     assert_eq!(d.find().await.unwrap(), None);
 
-    d.remove_leftovers().await.expect("the key pair and the group go");
+    assert_eq!(d.remove_leftovers().await.expect("the key pair and the group go"), Removal::Done);
     assert_eq!(tagged(&client, uid).await, Vec::<String>::new());
 }
 
@@ -244,7 +264,7 @@ async fn an_instance_created_out_of_band_with_the_tag_is_adopted() {
     d.stop(&ours).await.unwrap();
     assert_eq!(d.find().await.unwrap().map(|i| i.state), Some(State::Stopped), "a stopped instance is adopted too");
 
-    d.remove(&ours).await.unwrap();
+    assert_eq!(d.remove(&ours).await.unwrap(), Removal::Done);
     assert_eq!(d.find().await.unwrap(), None);
     assert_eq!(driver("someone-else", config(&moto)).find().await.unwrap().map(|i| i.id), Some(other), "left alone");
 }
@@ -269,7 +289,7 @@ async fn user_supplied_security_groups_and_key_pairs_are_used_and_never_deleted(
     let made: Vec<_> = tagged(&client, uid).await.into_iter().filter(|t| !t.starts_with("volume ")).collect();
     assert_eq!(made, [format!("instance {id}")], "no key pair or group of machinist's own");
 
-    d.remove(&id).await.unwrap();
+    assert_eq!(d.remove(&id).await.unwrap(), Removal::Done);
     assert_eq!(client.describe_security_groups().group_ids(&group).send().await.unwrap().security_groups().len(), 1);
     assert_eq!(client.describe_key_pairs().key_names("ops").send().await.unwrap().key_pairs().len(), 1);
 }
@@ -333,7 +353,7 @@ async fn launch_settings_reach_run_instances() {
     // usePrivateAddress: SSH goes to the private address, as the user named.
     let endpoint = d.ssh_endpoint(&id).await.unwrap().unwrap();
     assert_eq!((endpoint.host.as_str(), endpoint.user.as_str()), (i.private_ip_address().unwrap(), "ec2-user"));
-    d.remove(&id).await.unwrap();
+    assert_eq!(d.remove(&id).await.unwrap(), Removal::Done);
     assert_eq!(tagged(&client, uid).await, Vec::<String>::new());
 }
 
@@ -351,7 +371,7 @@ async fn a_spot_instance_launches_and_refuses_to_stop() {
             other => panic!("{operation}: expected NotSupported, got {other:?}"),
         }
     }
-    d.remove(&id).await.unwrap();
+    assert_eq!(d.remove(&id).await.unwrap(), Removal::Done);
 }
 
 #[tokio::test]
@@ -400,7 +420,7 @@ async fn missing_instances_and_an_unreachable_endpoint_are_typed() {
     assert_eq!(d.status(gone).await.unwrap(), State::NotFound);
     assert!(d.ssh_endpoint(gone).await.unwrap().is_none());
     assert_eq!(d.start(gone).await.unwrap_err().reason(), "NotFound");
-    d.remove(gone).await.expect("removing what is not there is done");
+    assert_eq!(d.remove(gone).await.expect("removing what is not there"), Removal::Done);
 
     // Nothing listens on the endpoint: worth retrying, and says where it tried.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
@@ -425,19 +445,251 @@ fn through(proxy: &FaultProxy, moto: &Moto) -> Amazonec2Config {
 }
 
 #[tokio::test]
-async fn remove_waits_while_the_security_group_is_still_in_use() {
+async fn remove_says_it_waits_while_the_instance_shuts_down_then_removes_the_rest() {
     let moto = Moto::start();
     let proxy = FaultProxy::start(&moto);
+    let shutting_down = Duration::from_secs(3);
+    proxy.imitate_timing(Ec2Timing { shutting_down_for: shutting_down, ..Default::default() });
     let client = ec2(&moto).await;
     let uid = "1f0c5c4e-7a6b-4b8e-9d51-00000000000c";
     let d = driver(uid, through(&proxy, &moto));
     let id = d.create(&request()).await.unwrap();
-    // As EC2 does while the terminated instance's network interface is released.
-    proxy.fail("DeleteSecurityGroup", Some(2), 400, "DependencyViolation", "resource has a dependent object");
 
-    d.remove(&id).await.expect("Remove waits the dependency out");
-    assert_eq!(proxy.count("DeleteSecurityGroup"), 3);
+    let started = Instant::now();
+    let waiting = Removal::Waiting(format!("waiting for {id} to terminate (shutting-down)"));
+    assert_eq!(d.remove(&id).await.unwrap(), waiting);
+    // The proxy saw TerminateInstances before this.
+    let terminated = Instant::now();
+    assert!(started.elapsed() < Duration::from_secs(2), "Remove does not wait: {:?}", started.elapsed());
+    // The instance still holds its key pair and group: nothing else is deleted yet.
+    let left = tagged_kinds(&client, uid).await;
+    assert!(left.contains(&"key-pair".into()) && left.contains(&"security-group".into()), "{left:?}");
+    // Called again: terminated again (a no-op for EC2), still waiting.
+    assert_eq!(d.remove(&id).await.unwrap(), waiting);
+    assert_eq!(proxy.count("TerminateInstances"), 2);
+    assert_eq!(proxy.count("DeleteSecurityGroup"), 0);
+
+    tokio::time::sleep(shutting_down.saturating_sub(terminated.elapsed()) + Duration::from_millis(100)).await;
+    assert_eq!(d.remove(&id).await.unwrap(), Removal::Done);
+    assert_eq!(state_in_moto(&client, &id).await, Some(InstanceStateName::Terminated));
     assert_eq!(tagged(&client, uid).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_security_group_still_in_use_is_left_for_the_next_remove_without_sleeping() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto);
+    let client = ec2(&moto).await;
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-000000000014";
+    let d = driver(uid, through(&proxy, &moto));
+    let id = d.create(&request()).await.unwrap();
+    let group = instance(&client, &id).await.security_groups()[0].group_id().unwrap().to_string();
+    // As EC2 answers while the terminated instance's network interface is released.
+    proxy.fail("DeleteSecurityGroup", Some(1), 400, "DependencyViolation", "resource has a dependent object");
+
+    let started = Instant::now();
+    match d.remove(&id).await.unwrap() {
+        Removal::Waiting(what) => {
+            assert!(what.starts_with(&format!("waiting for security group {group} to be released by ")), "{what}")
+        }
+        Removal::Done => panic!("the group is still there"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "Remove does not wait: {:?}", started.elapsed());
+    assert_eq!(proxy.count("DeleteSecurityGroup"), 1, "one try per call");
+    // The rest went in the same call.
+    assert_eq!(tagged_kinds(&client, uid).await, ["security-group"]);
+
+    assert_eq!(d.remove(&id).await.unwrap(), Removal::Done);
+    assert_eq!(proxy.count("DeleteSecurityGroup"), 2);
+    assert_eq!(tagged(&client, uid).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn leftovers_wait_for_a_held_security_group_too() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto);
+    let client = ec2(&moto).await;
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-000000000015";
+    let broken = Amazonec2Config { iam_instance_profile: Some("no-such-profile".into()), ..through(&proxy, &moto) };
+    let d = driver(uid, broken);
+    d.create(&request()).await.expect_err("RunInstances fails");
+    proxy.fail("DeleteSecurityGroup", Some(1), 400, "DependencyViolation", "resource has a dependent object");
+
+    let removal = d.remove_leftovers().await.unwrap();
+    assert!(matches!(&removal, Removal::Waiting(w) if w.starts_with("waiting for security group ")), "{removal:?}");
+    assert_eq!(tagged_kinds(&client, uid).await, ["security-group"]);
+    assert_eq!(d.remove_leftovers().await.unwrap(), Removal::Done);
+    assert_eq!(tagged(&client, uid).await, Vec::<String>::new());
+}
+
+// EC2's eventual consistency, as the proxy imitates it.
+
+#[tokio::test]
+async fn an_instance_ec2_does_not_show_yet_is_starting_until_the_grace_ends() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto);
+    // Longer than the test: the instance stays invisible through the proxy throughout.
+    proxy.imitate_timing(Ec2Timing { invisible_for: Duration::from_secs(600), ..Default::default() });
+    let client = ec2(&moto).await;
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-000000000016";
+    let id = driver(uid, through(&proxy, &moto)).create(&request()).await.unwrap();
+    assert_eq!(state_in_moto(&client, &id).await, Some(InstanceStateName::Running), "it exists all along");
+
+    // Recorded just now: not visible yet, so still starting; nothing says it is gone.
+    let young = driver_for(recorded_at(uid, SystemTime::now()), through(&proxy, &moto));
+    assert_eq!(young.status(&id).await.unwrap(), State::Starting);
+    assert!(young.ssh_endpoint(&id).await.unwrap().is_none());
+    assert!(young.addresses(&id).await.unwrap().is_empty());
+    let calls = [
+        ("Start", young.start(&id).await.map(|_| ())),
+        ("Stop", young.stop(&id).await),
+        ("Kill", young.kill(&id).await),
+        ("Restart", young.restart(&id).await),
+        ("host keys", young.host_keys(&id).await.map(|_| ())),
+    ];
+    for (what, result) in calls {
+        let error = result.expect_err(what);
+        assert_eq!(error.reason(), "TransientError", "{what}: {error}");
+        let text = error.to_string();
+        assert!(text.contains("InvalidInstanceID.NotFound") && text.contains("eventually consistent"), "{text}");
+    }
+
+    // Recorded longer ago than the grace: EC2's NotFound is believed.
+    let old = SystemTime::now() - EVENTUAL_CONSISTENCY_GRACE - Duration::from_secs(1);
+    let old = driver_for(recorded_at(uid, old), through(&proxy, &moto));
+    assert_eq!(old.status(&id).await.unwrap(), State::NotFound);
+    assert_eq!(old.start(&id).await.unwrap_err().reason(), "NotFound");
+    // No recorded time (before the controller knew of grace): as before.
+    assert_eq!(driver(uid, through(&proxy, &moto)).status(&id).await.unwrap(), State::NotFound);
+}
+
+#[tokio::test]
+async fn remove_inside_the_visibility_window_waits_and_terminates_after_it() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto);
+    let invisible = Duration::from_secs(3);
+    proxy.imitate_timing(Ec2Timing { invisible_for: invisible, ..Default::default() });
+    let client = ec2(&moto).await;
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-000000000017";
+    let id = driver(uid, through(&proxy, &moto)).create(&request()).await.unwrap();
+    // The proxy saw RunInstances answer before this.
+    let launched = Instant::now();
+    let d = driver_for(recorded_at(uid, SystemTime::now()), through(&proxy, &moto));
+
+    let waiting = Removal::Waiting(format!("waiting for {id} to become visible in EC2 (eventual consistency)"));
+    assert_eq!(d.remove(&id).await.unwrap(), waiting);
+    assert_eq!(d.remove(&id).await.unwrap(), waiting, "and again");
+    // Nothing was taken for gone: the instance runs, its key pair and group stay.
+    assert_eq!(state_in_moto(&client, &id).await, Some(InstanceStateName::Running));
+    assert_eq!(tagged_kinds(&client, uid).await, ["instance", "key-pair", "security-group", "volume"]);
+
+    tokio::time::sleep(invisible.saturating_sub(launched.elapsed()) + Duration::from_millis(100)).await;
+    assert_eq!(d.remove(&id).await.unwrap(), Removal::Done);
+    assert_eq!(state_in_moto(&client, &id).await, Some(InstanceStateName::Terminated), "never leaked");
+    assert_eq!(tagged(&client, uid).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_new_group_or_key_pair_unknown_at_first_use_is_transient_and_the_retry_launches() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto);
+    proxy.imitate_timing(Ec2Timing { first_use_not_found: true, ..Default::default() });
+    let client = ec2(&moto).await;
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-000000000018";
+    let d = driver(uid, through(&proxy, &moto));
+
+    // The group machinist just made, unknown to AuthorizeSecurityGroupIngress.
+    let error = d.create(&request()).await.unwrap_err();
+    assert_eq!(error.reason(), "TransientError", "{error}");
+    let text = error.to_string();
+    assert!(text.starts_with("EC2 AuthorizeSecurityGroupIngress: InvalidGroup.NotFound: "), "{text}");
+    assert!(text.contains("the security group machinist just created"), "{text}");
+    // The key pair it just imported, unknown to RunInstances.
+    let error = d.create(&request()).await.unwrap_err();
+    assert_eq!(error.reason(), "TransientError", "{error}");
+    let text = error.to_string();
+    assert!(text.starts_with("EC2 RunInstances: InvalidKeyPair.NotFound: "), "{text}");
+    assert!(text.contains("the key pair machinist just imported"), "{text}");
+
+    let id = d.create(&request()).await.expect("the third try launches");
+    assert_eq!(tagged_kinds(&client, uid).await, ["instance", "key-pair", "security-group", "volume"]);
+    assert_eq!(proxy.count("DeleteKeyPair"), 0, "the same key is kept, not imported afresh");
+    let groups = client.describe_security_groups().filters(uid_filter(uid)).send().await.unwrap();
+    assert_eq!(groups.security_groups()[0].ip_permissions().len(), 1, "the SSH rule is there");
+    assert_eq!(d.remove(&id).await.unwrap(), Removal::Done);
+
+    // The user's own group or key pair that EC2 does not know is the user's mistake.
+    // (moto checks group ids itself, but not key names: the proxy answers as EC2 does.)
+    proxy.imitate_timing(Ec2Timing::default());
+    proxy.fail("RunInstances", Some(1), 400, "InvalidKeyPair.NotFound", "The key pair 'ops' does not exist");
+    let theirs = Amazonec2Config { key_name: Some("ops".into()), ..through(&proxy, &moto) };
+    let error = driver("1f0c5c4e-7a6b-4b8e-9d51-00000000001b", theirs).create(&request()).await.unwrap_err();
+    assert_eq!(field_of(&error), "spec.driver.amazonec2.keyName", "{error}");
+    let theirs = Amazonec2Config { security_group_ids: vec!["sg-0badc0de".into()], ..through(&proxy, &moto) };
+    let error = driver("1f0c5c4e-7a6b-4b8e-9d51-00000000001b", theirs).create(&request()).await.unwrap_err();
+    assert_eq!(field_of(&error), "spec.driver.amazonec2.securityGroupIds", "{error}");
+}
+
+#[tokio::test]
+async fn an_instance_profile_iam_has_not_propagated_is_waited_for_within_a_bound() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto);
+    let message =
+        "Value (web-role) for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name";
+    proxy.fail("RunInstances", None, 400, "InvalidParameterValue", message);
+    let client = ec2(&moto).await;
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-000000000019";
+    let config = Amazonec2Config { iam_instance_profile: Some("web-role".into()), ..through(&proxy, &moto) };
+
+    // A Machine created just now (its profile may have been made with it).
+    let fresh = MachineRef { created: Some(SystemTime::now()), ..machine(uid) };
+    let error = driver_for(fresh, config.clone()).create(&request()).await.unwrap_err();
+    assert_eq!(error.reason(), "TransientError", "{error}");
+    let text = error.to_string();
+    let minutes = IAM_PROPAGATION_WAIT.as_secs() / 60;
+    assert!(
+        text.starts_with(&format!(
+            "waiting for the IAM instance profile web-role to propagate to EC2 (a new profile takes a while; up to \
+             {minutes} min after the Machine was created): EC2 RunInstances: InvalidParameterValue: "
+        )),
+        "{text}"
+    );
+    assert!(text.contains(&format!("(request id {FAULT_REQUEST_ID})")), "{text}");
+
+    // Past the bound, the profile is wrong.
+    let old = SystemTime::now() - IAM_PROPAGATION_WAIT - Duration::from_secs(1);
+    let error = driver_for(MachineRef { created: Some(old), ..machine(uid) }, config).create(&request()).await;
+    let error = error.unwrap_err();
+    assert_eq!(field_of(&error), "spec.driver.amazonec2.iamInstanceProfile", "{error}");
+    assert!(error.to_string().contains("EC2 does not know the instance profile web-role"), "{error}");
+    assert!(!tagged_kinds(&client, uid).await.contains(&"instance".to_string()));
+}
+
+#[tokio::test]
+async fn changed_launch_settings_under_the_client_token_are_invalid_config_and_launch_nothing() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto);
+    // What EC2 answers a RunInstances whose client token it saw with other settings.
+    proxy.fail(
+        "RunInstances",
+        None,
+        400,
+        "IdempotentParameterMismatch",
+        "The client token you have provided is associated with a resource that is already deleted or has \
+         different parameters.",
+    );
+    let client = ec2(&moto).await;
+    let uid = "1f0c5c4e-7a6b-4b8e-9d51-00000000001a";
+    let d = driver(uid, through(&proxy, &moto));
+    let error = d.create(&request()).await.unwrap_err();
+    assert_eq!(field_of(&error), "spec.driver.amazonec2", "{error}");
+    assert!(!error.is_retryable(), "not retried until the spec changes");
+    let text = error.to_string();
+    assert!(text.contains("EC2 RunInstances: IdempotentParameterMismatch: "), "{text}");
+    assert!(text.contains(&format!("client token {}", d.client_token())), "{text}");
+    assert!(text.contains("revert the change, or delete and recreate the Machine"), "{text}");
+    assert_eq!(proxy.count("RunInstances"), 1, "the SDK does not retry it either");
+    assert!(!tagged_kinds(&client, uid).await.contains(&"instance".to_string()), "no instance");
 }
 
 #[tokio::test]

@@ -8,21 +8,27 @@
 //! SSH is refused (`SSHReady=False`, `ConnectionRefused`, and so `Ready=False`). Where it
 //! is the point, the port is a real sshd's (machinist-test-sshd) and the proxy serves the
 //! console cloud-init would print: the first contact is held to the fingerprints it shows.
+//! Where EC2's timing is the point, the proxy also imitates it (`Ec2Timing`): a new
+//! instance unknown to EC2 for a while, a new group or key pair unknown at its first use,
+//! and `pending`, `stopping` and `shutting-down` that take a while.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
+use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::PostParams;
+use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
-use machinist::api::{ConditionType, Machine};
+use machinist::api::{ConditionType, Machine, Phase};
 use machinist_drivers::amazonec2::{CONSOLE_HOST_KEYS_WAIT, CredentialSource, Ec2Connector, UID_TAG};
 use machinist_drivers::{CreateRequest, Credentials, Drivers, MachineRef, State};
-use machinist_e2e::{Env, condition, ensure_eq};
-use machinist_test_moto::{AMI, FaultProxy, Moto, REGION, SECRET_ACCESS_KEY, credentials_secret_data};
+use machinist_e2e::{Env, condition, describe, ensure_eq};
+use machinist_test_moto::{AMI, Ec2Timing, FaultProxy, Moto, REGION, SECRET_ACCESS_KEY, credentials_secret_data};
 use machinist_test_sshd::TestSshd;
 use serde_json::json;
 
@@ -399,5 +405,215 @@ async fn accepting_the_key_of_a_first_contact_mismatch_pins_it_without_a_loop() 
     })
     .await?;
     env.unchanged_for("web", Duration::from_secs(4)).await?;
+    env.cleanup().await
+}
+
+// EC2's timing, imitated by the proxy: eventual consistency and slow transitions.
+
+/// Every version of a Machine the API server sends from now on, in order (a watch of
+/// its own), so a test can look at what the status said at any time of the run.
+struct History {
+    seen: Arc<Mutex<Vec<Machine>>>,
+    /// Whether the watch saw the Machine go.
+    gone: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl History {
+    fn record(env: &Env, name: &str) -> History {
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let mut stream = watcher::watcher(env.machines.clone(), config).boxed();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (into, deleted) = (seen.clone(), gone.clone());
+        let task = tokio::spawn(async move {
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(watcher::Event::Apply(m) | watcher::Event::InitApply(m)) => into.lock().unwrap().push(m),
+                    Ok(watcher::Event::Delete(m)) => {
+                        into.lock().unwrap().push(m);
+                        deleted.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    _ => {}
+                }
+            }
+        });
+        History { seen, gone, task }
+    }
+
+    /// Waits until this watch, too, has seen the Machine go.
+    async fn caught_up_with_deletion(&self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !self.gone.load(std::sync::atomic::Ordering::SeqCst) {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the history never saw the Machine go");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    fn all(&self) -> Vec<Machine> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits until this watch, too, has seen `m` (another watch saw it first).
+    async fn caught_up(&self, m: &Machine) -> Result<()> {
+        let version = m.resource_version();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !self.all().iter().any(|seen| seen.resource_version() == version) {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the history never saw {version:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Fails naming the first version that shows the instance lost: a condition with
+    /// reason `InstanceNotFound`, a state `NotFound` before the deletion, or phase `Failed`.
+    fn never_lost(&self) -> Result<()> {
+        for m in self.all() {
+            let status = m.status.as_ref();
+            let lost = status.is_some_and(|s| s.conditions.iter().any(|c| c.reason == "InstanceNotFound"))
+                || status.is_some_and(|s| s.phase == Some(Phase::Failed))
+                || (m.metadata.deletion_timestamp.is_none() && state_of(&m) == Some(State::NotFound));
+            anyhow::ensure!(!lost, "the Machine looked lost at some point: {}", describe(&m));
+        }
+        Ok(())
+    }
+
+    /// The `Deleting` condition messages seen, in order, without repeats.
+    fn deleting_messages(&self) -> Vec<String> {
+        let mut messages: Vec<String> = Vec::new();
+        for m in self.all() {
+            let Some(c) = condition(&m, ConditionType::Deleting).filter(|c| c.status == "True") else { continue };
+            if messages.last() != Some(&c.message) {
+                messages.push(c.message.clone());
+            }
+        }
+        messages
+    }
+
+    fn states(&self) -> Vec<State> {
+        let mut states: Vec<State> = Vec::new();
+        for state in self.all().iter().filter_map(state_of) {
+            if states.last() != Some(&state) {
+                states.push(state);
+            }
+        }
+        states
+    }
+}
+
+impl Drop for History {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The state of an instance in moto itself (not through the proxy).
+async fn state_in_moto(client: &aws_sdk_ec2::Client, id: &str) -> Result<Option<String>> {
+    let out = client.describe_instances().instance_ids(id).send().await?;
+    let instance = out.reservations().iter().flat_map(|r| r.instances()).next();
+    Ok(instance.and_then(|i| i.state()?.name()).map(|n| n.as_str().to_string()))
+}
+
+#[tokio::test]
+async fn an_ec2_machine_on_slow_eventually_consistent_ec2_never_looks_lost() -> Result<()> {
+    let moto = Moto::start();
+    let proxy = loopback_proxy(&moto);
+    proxy.imitate_timing(Ec2Timing {
+        invisible_for: Duration::from_secs(4),
+        first_use_not_found: true,
+        pending_for: Duration::from_secs(6),
+        stopping_for: Duration::from_secs(3),
+        shutting_down_for: Duration::from_secs(3),
+    });
+    let (_refusing, port) = refusing_port()?;
+    let client = ec2(&moto).await;
+    let env = Env::new("ec2-slow").await?;
+    aws_secret(&env).await?;
+    let history = History::record(&env, "web");
+    let m = env.create(&ec2_machine("web", &proxy, port, None)).await?;
+    let uid = m.uid().unwrap();
+
+    // Created after the new group's and key pair's first uses failed; unknown to EC2,
+    // then pending, then running: Starting all along, never lost.
+    let running = env
+        .wait_for("web", "running on EC2", Duration::from_secs(90), |m| {
+            condition(m, ConditionType::PowerStateSynced).is_some_and(|c| c.status == "True")
+        })
+        .await?;
+    let id = running.status.clone().unwrap().provider_id.unwrap();
+    history.caught_up(&running).await?;
+    // The group's first use failed before RunInstances, the key pair's at the first one.
+    ensure_eq(proxy.count("RunInstances"), 2, "RunInstances calls")?;
+    ensure_eq(tagged(&client, &uid).await?.0.len(), 1, "instances tagged with the UID")?;
+    let states = history.states();
+    anyhow::ensure!(states.starts_with(&[State::Starting]), "states: {states:?}");
+    history.never_lost()?;
+
+    // A stop that takes a while: Stopping, then Stopped.
+    env.patch("web", json!({ "spec": { "powerState": "Stopped" } })).await?;
+    let stopped = env.wait_condition("web", ConditionType::PowerStateSynced, "True", Some("Stopped")).await?;
+    history.caught_up(&stopped).await?;
+    let states = history.states();
+    anyhow::ensure!(states.ends_with(&[State::Running, State::Stopping, State::Stopped]), "states: {states:?}");
+    env.patch("web", json!({ "spec": { "powerState": "Running" } })).await?;
+    env.wait_for("web", "running again", Duration::from_secs(60), |m| {
+        condition(m, ConditionType::PowerStateSynced).is_some_and(|c| c.status == "True" && c.reason == "Running")
+    })
+    .await?;
+
+    // A hard restart: Kill, and Start once EC2 lets it (not while it is still stopping).
+    env.patch("web", json!({ "spec": { "restartMode": "Hard", "restartRequest": "r1" } })).await?;
+    env.wait_for("web", "hard-restarted and running", Duration::from_secs(60), |m| {
+        m.status.as_ref().is_some_and(|s| s.last_restart_request.as_deref() == Some("r1"))
+            && condition(m, ConditionType::PowerStateSynced)
+                .is_some_and(|c| c.status == "True" && c.reason == "Running")
+    })
+    .await?;
+    ensure_eq(state_in_moto(&client, &id).await?, Some("running".to_string()), "running in moto")?;
+
+    // Deleted: Remove says it waits while the instance shuts down, then everything goes.
+    delete_leaving_nothing(&env, &client, "web", &uid).await?;
+    history.caught_up_with_deletion().await?;
+    ensure_eq(state_in_moto(&client, &id).await?, Some("terminated".to_string()), "terminated in moto")?;
+    let deleting = history.deleting_messages();
+    let waited = format!("waiting for {id} to terminate (shutting-down)");
+    anyhow::ensure!(deleting.contains(&waited), "Deleting never said {waited:?}: {deleting:?}");
+    history.never_lost()?;
+    env.cleanup().await
+}
+
+#[tokio::test]
+async fn an_ec2_machine_deleted_before_ec2_shows_its_instance_leaves_nothing() -> Result<()> {
+    let moto = Moto::start();
+    let proxy = loopback_proxy(&moto);
+    proxy.imitate_timing(Ec2Timing {
+        invisible_for: Duration::from_secs(6),
+        pending_for: Duration::from_secs(6),
+        shutting_down_for: Duration::from_secs(2),
+        ..Default::default()
+    });
+    let (_refusing, port) = refusing_port()?;
+    let client = ec2(&moto).await;
+    let env = Env::new("ec2-early-delete").await?;
+    aws_secret(&env).await?;
+    let history = History::record(&env, "web");
+    let m = env.create(&ec2_machine("web", &proxy, port, None)).await?;
+    let uid = m.uid().unwrap();
+    // Deleted as soon as the instance id is recorded: EC2 does not show it yet.
+    let id = provider_id(&env, "web").await?;
+    delete_leaving_nothing(&env, &client, "web", &uid).await?;
+    history.caught_up_with_deletion().await?;
+
+    // The instance was terminated, not taken for gone and left running.
+    ensure_eq(state_in_moto(&client, &id).await?, Some("terminated".to_string()), "the instance in moto")?;
+    let deleting = history.deleting_messages();
+    for waited in [
+        format!("waiting for {id} to become visible in EC2 (eventual consistency)"),
+        format!("waiting for {id} to terminate (shutting-down)"),
+    ] {
+        anyhow::ensure!(deleting.contains(&waited), "Deleting never said {waited:?}: {deleting:?}");
+    }
+    history.never_lost()?;
     env.cleanup().await
 }

@@ -7,6 +7,17 @@
 //! UID, name and namespace in the call that creates it, which is how `find` adopts an
 //! instance and how Remove finds what to delete. Create returns as soon as EC2 assigns
 //! the instance id; the controller watches it reach `running` over later reconciles.
+//!
+//! No call waits on EC2 beyond one round of requests: Remove terminates the instance and
+//! says what it waits for ([`Removal::Waiting`]) until EC2 reports it `terminated` and
+//! its security group free, and the controller calls it again.
+//!
+//! EC2 is eventually consistent: a new instance, security group or key pair can be
+//! unknown to EC2's other calls for seconds, sometimes minutes. For an instance id the
+//! controller recorded less than [`EVENTUAL_CONSISTENCY_GRACE`] ago, NotFound means "not
+//! visible yet" (Status answers Starting, Remove waits, Start and friends are Transient);
+//! a NotFound for a group or key pair the driver has just made is Transient too. How
+//! EC2's answers are classified lives in `errors.rs`.
 
 mod client;
 mod config;
@@ -25,14 +36,16 @@ use aws_sdk_ec2::types::{
 };
 use base64::Engine;
 use tokio::sync::OnceCell;
-use tokio::time::Instant;
 use tracing::{info, warn};
 
 pub use client::{ACCESS_KEY_ID_KEY, CredentialSource, Ec2Connector, SECRET_ACCESS_KEY_KEY, SESSION_TOKEN_KEY};
 pub use config::{
     Amazonec2Config, DEFAULT_INSTANCE_TYPE, DEFAULT_SSH_CIDR, DEFAULT_SSH_USER, RootVolumeType, SpotConfig,
 };
-pub use errors::{AwsError, CAPACITY_RETRY_AFTER, QUOTA_RETRY_AFTER, THROTTLED_RETRY_AFTER};
+pub use errors::{
+    AwsError, CAPACITY_RETRY_AFTER, Circumstances, EVENTUAL_CONSISTENCY_GRACE, IAM_PROPAGATION_WAIT, QUOTA_RETRY_AFTER,
+    THROTTLED_RETRY_AFTER,
+};
 
 use crate::{
     Address, AddressType, CreateRequest, Credentials, Driver, DriverError, HostKeys, Instance, MachineRef, Operation,
@@ -45,13 +58,6 @@ pub const NAME_TAG: &str = "machinist.dev/machine-name";
 pub const NAMESPACE_TAG: &str = "machinist.dev/machine-namespace";
 pub const SSH_PORT: u16 = 22;
 
-/// Remove waits this long for `terminated` before reporting it is still under way.
-const TERMINATE_WAIT: Duration = Duration::from_secs(240);
-/// A security group stays in use for a while after its instance is gone (its network
-/// interface is released asynchronously).
-const DEPENDENCY_WAIT: Duration = Duration::from_secs(180);
-const POLL_FIRST: Duration = Duration::from_millis(500);
-const POLL_MAX: Duration = Duration::from_secs(10);
 /// How long after launch an instance's console may still lack cloud-init's SSH host key
 /// fingerprints: EC2 posts console output in batches, minutes after boot. Past it, the
 /// image is taken to have no cloud-init and the first SSH contact is trusted.
@@ -102,6 +108,20 @@ impl Ec2Driver {
             .await
     }
 
+    /// What this driver knows about its calls, for classifying EC2's errors.
+    pub fn circumstances(&self) -> Circumstances {
+        Circumstances {
+            credentials: self.source.describe(),
+            own_security_group: self.config.creates_security_group(),
+            own_key_pair: self.config.imports_key_pair(),
+            instance_recorded: self.machine.instance_recorded,
+            machine_created: self.machine.created,
+            instance_profile: self.config.iam_instance_profile.clone(),
+            client_token: self.client_token(),
+            now: SystemTime::now(),
+        }
+    }
+
     fn error(&self, mut error: AwsError) -> DriverError {
         if error.code.is_none() {
             // No answer from EC2: say where it was asked.
@@ -111,7 +131,25 @@ impl Ec2Driver {
             };
             error.message = format!("no answer from EC2 {at}: {}", error.message);
         }
-        error.to_driver_error(self.source.describe())
+        error.to_driver_error(&self.circumstances())
+    }
+
+    /// Whether EC2's not knowing the instance may only mean it does not show it yet: the
+    /// controller recorded its id less than [`EVENTUAL_CONSISTENCY_GRACE`] ago.
+    fn may_not_be_visible_yet(&self) -> bool {
+        self.circumstances().instance_not_visible_yet().is_some()
+    }
+
+    /// The error for an instance EC2 does not show: not visible yet (Transient), or gone.
+    fn missing(&self, id: &str) -> DriverError {
+        if let Some(age) = self.circumstances().instance_not_visible_yet() {
+            return DriverError::transient(format!(
+                "EC2 does not show instance {id} yet, {}s after it was recorded (EC2 is eventually consistent): \
+                 trying again",
+                age.as_secs()
+            ));
+        }
+        DriverError::NotFound { message: format!("instance {id} does not exist") }
     }
 
     /// The machinist tags, then the user's (`Name` defaults to `<namespace>/<name>`).
@@ -217,11 +255,18 @@ impl Ec2Driver {
                     }
                 }
             }
-            let ours = self.tagged_key_pairs().await?;
-            if !ours.iter().any(|(_, n)| n == &name) {
+            let ours = self.tagged_key_pairs_with_keys().await?;
+            let Some((_, existing)) = ours.iter().find(|(n, _)| n == &name) else {
                 return Err(DriverError::transient(format!(
                     "an EC2 key pair named {name} exists without this Machine's {UID_TAG} tag; delete it"
                 )));
+            };
+            // The same key: kept, not replaced (a new import would make EC2 forget it
+            // again for a while, and the next RunInstances would not find it).
+            let body = |key: &str| key.split_whitespace().nth(1).map(str::to_string);
+            if existing.as_deref().and_then(body).is_some_and(|b| Some(b) == body(public_key)) {
+                info!(key_pair = name, "ec2: the Machine's SSH key is already imported");
+                return Ok(name);
             }
             self.delete_key_pairs().await?;
         }
@@ -329,6 +374,24 @@ impl Ec2Driver {
             .collect())
     }
 
+    /// `(name, public key)` of the key pairs tagged with this Machine's UID.
+    async fn tagged_key_pairs_with_keys(&self) -> Result<Vec<(String, Option<String>)>, DriverError> {
+        let out = self
+            .ec2()
+            .await
+            .describe_key_pairs()
+            .filters(self.uid_filter())
+            .include_public_key(true)
+            .send()
+            .await
+            .map_err(|e| self.error(AwsError::from_sdk("DescribeKeyPairs", e)))?;
+        Ok(out
+            .key_pairs()
+            .iter()
+            .filter_map(|k| Some((k.key_name()?.to_string(), k.public_key().map(str::to_string))))
+            .collect())
+    }
+
     async fn delete_key_pairs(&self) -> Result<(), DriverError> {
         // By name: unique in a region, and understood by every EC2-compatible API.
         for (_, name) in self.tagged_key_pairs().await? {
@@ -345,37 +408,55 @@ impl Ec2Driver {
         Ok(())
     }
 
-    /// Deletes the tagged security groups, waiting while EC2 still sees them in use.
-    async fn delete_security_groups(&self) -> Result<(), DriverError> {
+    /// Deletes the tagged security groups. One that EC2 still sees in use
+    /// (`DependencyViolation`: the network interface of the instance that just ended is
+    /// released a while later) is left for the next call; says what each waits for.
+    async fn delete_security_groups(&self) -> Result<Vec<String>, DriverError> {
+        let mut held = Vec::new();
         for (id, name) in self.tagged_security_groups().await? {
-            let mut poll = Poll::within(DEPENDENCY_WAIT);
-            loop {
-                match self.ec2().await.delete_security_group().group_id(&id).send().await {
-                    Ok(_) => {
-                        info!(security_group = id, name, "ec2: deleted the security group");
-                        break;
+            match self.ec2().await.delete_security_group().group_id(&id).send().await {
+                Ok(_) => info!(security_group = id, name, "ec2: deleted the security group"),
+                Err(e) => {
+                    let error = AwsError::from_sdk("DeleteSecurityGroup", e);
+                    if error.is_not_found() {
+                        continue;
                     }
-                    Err(e) => {
-                        let error = AwsError::from_sdk("DeleteSecurityGroup", e);
-                        if error.is_not_found() {
-                            break;
-                        }
-                        if !error.is("DependencyViolation") {
-                            return Err(self.error(error));
-                        }
-                        if !poll.next().await {
-                            return Err(DriverError::transient(format!(
-                                "{}; the security group {id} is still in use {}s after its instance ended; Remove \
-                                 will try again",
-                                error.describe(),
-                                DEPENDENCY_WAIT.as_secs()
-                            )));
-                        }
+                    if !error.is("DependencyViolation") {
+                        return Err(self.error(error));
                     }
+                    info!(security_group = id, "ec2: the security group is still in use");
+                    held.push(format!("waiting for security group {id} to be released by {}", self.holders(&id).await));
                 }
             }
         }
-        Ok(())
+        Ok(held)
+    }
+
+    /// What still holds a security group, as far as EC2 shows: its network interfaces.
+    async fn holders(&self, group: &str) -> String {
+        let by_group = Filter::builder().name("group-id").values(group).build();
+        let found = self.ec2().await.describe_network_interfaces().filters(by_group).send().await;
+        let interfaces: Vec<String> = found
+            .map(|out| {
+                out.network_interfaces()
+                    .iter()
+                    .filter_map(|n| {
+                        let id = n.network_interface_id()?;
+                        Some(match n.attachment().and_then(|a| a.instance_id()) {
+                            Some(instance) => format!("network interface {id} of {instance}"),
+                            None => format!("network interface {id}"),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if interfaces.is_empty() {
+            "what EC2 still counts as using it (DependencyViolation; usually the network interface of an instance \
+             that just ended)"
+                .to_string()
+        } else {
+            interfaces.join(", ")
+        }
     }
 
     /// Root volumes go with their instance; any other volume launched with it that is
@@ -403,26 +484,6 @@ impl Ec2Driver {
             }
         }
         Ok(())
-    }
-
-    /// Waits until the instance is terminated (or unknown to EC2).
-    async fn wait_terminated(&self, id: &str) -> Result<(), DriverError> {
-        let mut poll = Poll::within(TERMINATE_WAIT);
-        loop {
-            let state = self.describe(id).await?.and_then(|i| i.state().and_then(|s| s.name().cloned()));
-            match state {
-                None | Some(InstanceStateName::Terminated) => return Ok(()),
-                Some(state) => {
-                    if !poll.next().await {
-                        return Err(DriverError::transient(format!(
-                            "instance {id} is still {} {}s after TerminateInstances; Remove will check again",
-                            state.as_str(),
-                            TERMINATE_WAIT.as_secs()
-                        )));
-                    }
-                }
-            }
-        }
     }
 
     fn not_for_spot(&self, operation: Operation) -> Result<(), DriverError> {
@@ -526,28 +587,6 @@ impl Ec2Driver {
     }
 }
 
-/// Polling with doubling delays, from `POLL_FIRST` up to `POLL_MAX`, until a deadline.
-struct Poll {
-    deadline: Instant,
-    delay: Duration,
-}
-
-impl Poll {
-    fn within(limit: Duration) -> Self {
-        Poll { deadline: Instant::now() + limit, delay: POLL_FIRST }
-    }
-
-    /// Waits before the next attempt; `false` at once when it would come after the deadline.
-    async fn next(&mut self) -> bool {
-        if Instant::now() + self.delay > self.deadline {
-            return false;
-        }
-        tokio::time::sleep(self.delay).await;
-        self.delay = (self.delay * 2).min(POLL_MAX);
-        true
-    }
-}
-
 fn tag(key: &str, value: &str) -> Tag {
     Tag::builder().key(key).value(value).build()
 }
@@ -629,25 +668,57 @@ impl Driver for Ec2Driver {
         self.launch(key_name, groups, root_device).await
     }
 
+    /// Terminates the instance (always: a NotFound from DescribeInstances proves
+    /// nothing), and once EC2 reports it `terminated`, deletes what was made for it.
     async fn remove(&self, id: &str) -> Result<Removal, DriverError> {
-        match self.ec2().await.terminate_instances().instance_ids(id).send().await {
-            Ok(_) => info!(instance = id, "ec2: terminating the instance"),
+        let state = match self.ec2().await.terminate_instances().instance_ids(id).send().await {
+            Ok(out) => {
+                let answered = out
+                    .terminating_instances()
+                    .iter()
+                    .find(|c| c.instance_id() == Some(id))
+                    .and_then(|c| c.current_state()?.name().cloned());
+                info!(instance = id, state = ?answered, "ec2: terminating the instance");
+                match answered {
+                    Some(InstanceStateName::Terminated) => Some(InstanceStateName::Terminated),
+                    // Its answer says what the call started; the instance says where it is.
+                    _ => self.describe(id).await?.and_then(|i| i.state()?.name().cloned()),
+                }
+            }
             Err(e) => {
                 let error = AwsError::from_sdk("TerminateInstances", e);
                 if !error.is_not_found() {
                     return Err(self.error(error));
                 }
+                if !error.is_instance_not_found() {
+                    // A malformed id was never EC2's: nothing to wait for.
+                    return self.remove_leftovers().await;
+                }
+                None
             }
+        };
+        match state {
+            Some(InstanceStateName::Terminated) => {}
+            Some(state) => return Ok(Removal::Waiting(format!("waiting for {id} to terminate ({})", state.as_str()))),
+            // Unknown to EC2: gone, unless it was recorded too recently for EC2 to show it.
+            None if self.may_not_be_visible_yet() => {
+                return Ok(Removal::Waiting(format!(
+                    "waiting for {id} to become visible in EC2 (eventual consistency)"
+                )));
+            }
+            None => info!(instance = id, "ec2: the instance is gone"),
         }
-        self.wait_terminated(id).await?;
         self.remove_leftovers().await
     }
 
     async fn remove_leftovers(&self) -> Result<Removal, DriverError> {
-        self.delete_security_groups().await?;
+        let held = self.delete_security_groups().await?;
         self.delete_key_pairs().await?;
         self.delete_volumes().await?;
-        Ok(Removal::Done)
+        Ok(match held.into_iter().next() {
+            Some(waiting) => Removal::Waiting(waiting),
+            None => Removal::Done,
+        })
     }
 
     async fn start(&self, id: &str) -> Result<(), DriverError> {
@@ -697,8 +768,14 @@ impl Driver for Ec2Driver {
             .map_err(|e| self.error(AwsError::from_sdk("RebootInstances", e)))
     }
 
+    /// An instance EC2 does not show (yet) is Starting while its id is younger than
+    /// [`EVENTUAL_CONSISTENCY_GRACE`], so a fresh Machine never looks lost.
     async fn status(&self, id: &str) -> Result<State, DriverError> {
-        Ok(self.describe(id).await?.map_or(State::NotFound, |i| instance_state(&i)))
+        Ok(match self.describe(id).await? {
+            Some(instance) => instance_state(&instance),
+            None if self.may_not_be_visible_yet() => State::Starting,
+            None => State::NotFound,
+        })
     }
 
     async fn addresses(&self, id: &str) -> Result<Vec<Address>, DriverError> {
@@ -746,9 +823,7 @@ impl Driver for Ec2Driver {
                  machinist does not check against; the first SSH contact is trusted"
             ))),
             None => {
-                let Some(instance) = self.describe(id).await? else {
-                    return Err(DriverError::NotFound { message: format!("instance {id} does not exist") });
-                };
+                let Some(instance) = self.describe(id).await? else { return Err(self.missing(id)) };
                 let minutes = CONSOLE_HOST_KEYS_WAIT.as_secs() / 60;
                 // A launch time ahead of our clock (skew) is recent; none at all (EC2
                 // always sends one) counts as long ago.
