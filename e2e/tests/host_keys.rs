@@ -82,9 +82,11 @@ async fn a_changed_host_key_gets_no_login_until_exactly_that_key_is_accepted() -
     // The host key changes, and a restart is asked for meanwhile.
     let second = replace_host_key(&mut sshd);
     env.patch("host", json!({ "spec": { "restartRequest": "after-the-change" } })).await?;
+    // (At the spec's new generation: one recorded at the old one earns a retry.)
     let refused = env
         .wait_for("host", "refusing the new host key", Duration::from_secs(60), |m| {
-            condition(m, ConditionType::Ready).is_some_and(|c| c.reason == "HostKeyMismatch")
+            condition(m, ConditionType::Ready)
+                .is_some_and(|c| c.reason == "HostKeyMismatch" && c.observed_generation == m.metadata.generation)
         })
         .await?;
     let status = refused.status.clone().unwrap();

@@ -275,6 +275,31 @@ impl ApiError {
         Self::new(404, "NotFound", "the server could not find the requested resource").with_details(json!({}))
     }
 
+    /// The same error about `to`'s objects rather than `from`'s (core/v1
+    /// events are stored as events.k8s.io ones, but kube names what was asked for).
+    pub fn about(mut self, from: &ResourceType, to: &ResourceType) -> Self {
+        if from.group == to.group && from.plural == to.plural {
+            return self;
+        }
+        let qualified =
+            |t: &ResourceType| if t.group.is_empty() { t.kind.clone() } else { format!("{}.{}", t.kind, t.group) };
+        for (f, t) in [(from.group_resource(), to.group_resource()), (qualified(from), qualified(to))] {
+            if let Some(rest) = self.message.strip_prefix(&format!("{f} ")) {
+                self.message = format!("{t} {rest}");
+                break;
+            }
+        }
+        if let Some(d) = self.details.as_mut().and_then(Value::as_object_mut)
+            && d.get("group").and_then(Value::as_str) == Some(from.group.as_str())
+        {
+            match to.group.as_str() {
+                "" => d.remove("group"),
+                g => d.insert("group".into(), g.into()),
+            };
+        }
+        self
+    }
+
     pub fn with_details(mut self, d: Value) -> Self {
         self.details = Some(d);
         self

@@ -21,7 +21,7 @@ use crate::patch::{self, PatchType};
 use crate::protobuf;
 use crate::resources::{Builtin, ResourceType};
 use crate::selectors::{FieldSelector, LabelSelector};
-use crate::store::{DeleteOpts, DeleteOutcome, Store, Sub, WriteOpts, meta_str};
+use crate::store::{DeleteOpts, DeleteOutcome, Inner, Store, Sub, WriteOpts, meta_str};
 use crate::table::{self, IncludeObject};
 use crate::watch::{self, WatchRequest};
 
@@ -223,8 +223,10 @@ impl App {
             |n: header::HeaderName| parts.headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
         let accept = header(header::ACCEPT);
         let ctype = header(header::CONTENT_TYPE);
+        let agent = header(header::USER_AGENT);
         tracing::debug!(method = %parts.method, %path, query = ?parts.uri.query(), "request");
-        match self.dispatch(&parts.method, &path, &q, &accept, &ctype, &body) {
+        let req = RequestInfo { accept: &accept, ctype: &ctype, agent: &agent };
+        match self.dispatch(&parts.method, &path, &q, &req, &body) {
             Ok(Reply::Json(code, v, warnings)) => json_response(code, &v, &warnings),
             Ok(Reply::Stream(rx)) => {
                 let stream = futures::stream::unfold(rx, |mut rx| async move {
@@ -237,7 +239,10 @@ impl App {
                     .body(StreamBody::new(stream).boxed())
                     .expect("response")
             }
-            Err(e) => error_response(&e),
+            Err(e) => {
+                tracing::debug!(%path, code = e.code, reason = e.reason, detail = %e.message, "refused");
+                error_response(&e)
+            }
         }
     }
 
@@ -246,8 +251,7 @@ impl App {
         method: &Method,
         path: &str,
         q: &HashMap<String, String>,
-        accept: &str,
-        ctype: &str,
+        req: &RequestInfo,
         body: &Bytes,
     ) -> Result<Reply, ApiError> {
         let types: Vec<Arc<ResourceType>> = self.store.lock().types.values().cloned().collect();
@@ -269,8 +273,19 @@ impl App {
                 };
                 v.map(|v| Reply::Json(200, v, vec![])).ok_or_else(|| ApiError::generic_not_found(path))
             }
-            Route::Resource(rp) => self.resource(method, rp, q, accept, ctype, body),
+            Route::Resource(rp) => self.resource(method, rp, q, req, body),
         }
+    }
+
+    /// Run a write under the store's lock, then what the cluster's
+    /// controllers do after it; then wake the watchers.
+    fn write<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        let mut g = self.store.lock();
+        let out = f(&mut g);
+        g.run_controllers();
+        drop(g);
+        self.store.notify();
+        out
     }
 
     fn resource(
@@ -278,8 +293,7 @@ impl App {
         method: &Method,
         rp: ResourcePath,
         q: &HashMap<String, String>,
-        accept: &str,
-        ctype: &str,
+        req: &RequestInfo,
         body: &Bytes,
     ) -> Result<Reply, ApiError> {
         let rt = self
@@ -294,6 +308,23 @@ impl App {
         } else {
             rt.clone()
         };
+        let (served, stored) = (rt.clone(), srt.clone());
+        self.serve(method, rp, q, req, body, rt, srt).map_err(|e| e.about(&stored, &served))
+    }
+
+    /// A request for `rt`'s objects, stored as `srt`'s.
+    #[allow(clippy::too_many_arguments)]
+    fn serve(
+        self: &Arc<Self>,
+        method: &Method,
+        rp: ResourcePath,
+        q: &HashMap<String, String>,
+        req: &RequestInfo,
+        body: &Bytes,
+        rt: Arc<ResourceType>,
+        srt: Arc<ResourceType>,
+    ) -> Result<Reply, ApiError> {
+        let (accept, ctype) = (req.accept, req.ctype);
         let version = rp.version.clone();
         if rt.namespaced != rp.ns.is_some() && !(rp.ns.is_none() && rp.name.is_none()) {
             return Err(ApiError::generic_not_found(""));
@@ -302,7 +333,7 @@ impl App {
         let sub = match rp.sub.as_deref() {
             None => Sub::Main,
             Some("status") if rt.version(&version).is_some_and(|v| v.has_status) => Sub::Status,
-            Some("finalize") if rt.builtin == Builtin::Namespace => Sub::Main,
+            Some("finalize") if rt.builtin == Builtin::Namespace => Sub::Finalize,
             Some(_) => return Err(ApiError::generic_not_found("")),
         };
         let include = IncludeObject::parse(q.get("includeObject").map(String::as_str));
@@ -316,8 +347,10 @@ impl App {
         }
         let dry_run = q.get("dryRun").is_some_and(|d| d == "All");
         let validation = q.get("fieldValidation").cloned().unwrap_or_else(|| "Warn".into());
+        let field_manager = q.get("fieldManager").cloned().unwrap_or_default();
         let mut wopts = WriteOpts {
-            field_manager: q.get("fieldManager").cloned(),
+            manager: if field_manager.is_empty() { manager_of_agent(req.agent) } else { field_manager.clone() },
+            force: truthy(q, "force"),
             dry_run,
             via_events_api: rt.builtin == Builtin::Event,
             strict: validation == "Strict",
@@ -376,24 +409,18 @@ impl App {
                     return Err(ApiError::method_not_allowed());
                 }
                 let obj = parse_obj(body)?;
-                let mut g = self.store.lock();
-                let created = g.create(&srt, &version, &ns, obj, &mut wopts);
-                drop(g);
-                self.store.notify();
+                let created = self.write(|g| g.create(&srt, &version, &ns, obj, &mut wopts));
                 Reply::Json(201, out(&*created?), warnings(&wopts))
             }
             (&Method::PUT, Some(name)) => {
                 let obj = parse_obj(body)?;
-                let mut g = self.store.lock();
-                let r = g.update(&srt, &version, &ns, name, obj, sub, &mut wopts, true);
-                drop(g);
-                self.store.notify();
+                let r = self.write(|g| g.update(&srt, &version, &ns, name, obj, sub, &mut wopts, true));
                 Reply::Json(200, out(&*r?), warnings(&wopts))
             }
             (&Method::PATCH, Some(name)) => {
                 let ptype =
                     PatchType::from_content_type(ctype).ok_or_else(|| ApiError::unsupported_media_type(ctype))?;
-                if ptype == PatchType::Apply && wopts.field_manager.as_deref().unwrap_or_default().is_empty() {
+                if ptype == PatchType::Apply && field_manager.is_empty() {
                     return Err(ApiError::invalid(
                         "meta.k8s.io",
                         "PatchOptions",
@@ -401,35 +428,35 @@ impl App {
                         vec![crate::error::Cause::required("fieldManager", "is required for apply patch")],
                     ));
                 }
-                let pbody = patch::parse_body(body, ptype == PatchType::Apply)?;
-                let mut g = self.store.lock();
-                let existed = g.get(&srt, &ns, name).is_ok();
-                let r = if rt.builtin == Builtin::CoreEvent && ptype != PatchType::Apply {
-                    // Patch the core/v1 view, then store it converted back.
-                    g.get(&srt, &ns, name).and_then(|cur| {
-                        let mut doc = events::to_core(&cur);
-                        match ptype {
-                            PatchType::Json => patch::json_patch(&mut doc, &pbody)?,
-                            PatchType::Merge => patch::merge_patch(&mut doc, &pbody),
-                            _ => patch::strategic_patch(&mut doc, &pbody),
-                        }
-                        g.update(&srt, &version, &ns, name, events::from_core(&doc), sub, &mut wopts, false)
-                    })
-                } else {
-                    g.patch(&srt, &version, &ns, name, ptype, &pbody, sub, &mut wopts)
-                };
-                drop(g);
-                self.store.notify();
+                let mut pbody = patch::parse_body(body, ptype == PatchType::Apply)?;
+                if rt.builtin == Builtin::CoreEvent && ptype == PatchType::Apply {
+                    // Applied in storage terms, like a create through /api/v1.
+                    pbody = events::from_core(&pbody);
+                }
+                let (existed, r) = self.write(|g| {
+                    let existed = g.get(&srt, &ns, name).is_ok();
+                    let r = if rt.builtin == Builtin::CoreEvent && ptype != PatchType::Apply {
+                        // Patch the core/v1 view, then store it converted back.
+                        g.get(&srt, &ns, name).and_then(|cur| {
+                            let mut doc = events::to_core(&cur);
+                            match ptype {
+                                PatchType::Json => patch::json_patch(&mut doc, &pbody)?,
+                                PatchType::Merge => patch::merge_patch(&mut doc, &pbody),
+                                _ => patch::strategic_patch(&mut doc, &pbody),
+                            }
+                            g.update(&srt, &version, &ns, name, events::from_core(&doc), sub, &mut wopts, false)
+                        })
+                    } else {
+                        g.patch(&srt, &version, &ns, name, ptype, &pbody, sub, &mut wopts)
+                    };
+                    (existed, r)
+                });
                 let code = if existed { 200 } else { 201 };
                 Reply::Json(code, out(&*r?), warnings(&wopts))
             }
             (&Method::DELETE, Some(name)) => {
                 let dopts = delete_opts(q, body, dry_run);
-                let mut g = self.store.lock();
-                let r = g.delete(&srt, &ns, name, &dopts);
-                drop(g);
-                self.store.notify();
-                match r? {
+                match self.write(|g| g.delete(&srt, &ns, name, &dopts))? {
                     DeleteOutcome::Pending(obj) => Reply::Json(200, out(&obj), vec![]),
                     DeleteOutcome::Deleted(obj) => {
                         let mut details = json!({"name": name, "kind": rt.plural, "uid": meta_str(&obj, "uid")});
@@ -450,22 +477,20 @@ impl App {
                 let dopts = delete_opts(q, body, dry_run);
                 let label = LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or_default())?;
                 let field = FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or_default())?;
-                let mut g = self.store.lock();
-                let objs = g.snapshot(&srt.storage_key(), rp.ns.as_deref(), None)?;
-                let mut items = Vec::new();
-                for o in objs {
-                    let view = render_view(&rt, &version, &o).into_owned();
-                    if label.matches(&view) && field.matches(&view) {
-                        let n = meta_str(&o, "name").to_string();
-                        let ons = meta_str(&o, "namespace").to_string();
-                        if g.delete(&srt, &ons, &n, &dopts).is_ok() {
-                            items.push(view);
+                let (items, rv) = self.write(|g| -> Result<_, ApiError> {
+                    let mut items = Vec::new();
+                    for o in g.snapshot(&srt.storage_key(), rp.ns.as_deref(), None)? {
+                        let view = render_view(&rt, &version, &o).into_owned();
+                        if label.matches(&view) && field.matches(&view) {
+                            let n = meta_str(&o, "name").to_string();
+                            let ons = meta_str(&o, "namespace").to_string();
+                            if g.delete(&srt, &ons, &n, &dopts).is_ok() {
+                                items.push(view);
+                            }
                         }
                     }
-                }
-                let rv = g.rv;
-                drop(g);
-                self.store.notify();
+                    Ok((items, g.rv))
+                })?;
                 Reply::Json(
                     200,
                     json!({"apiVersion": rt.api_version(&version), "kind": rt.list_kind,
@@ -592,6 +617,27 @@ impl App {
 enum Reply {
     Json(u16, Value, Vec<String>),
     Stream(tokio::sync::mpsc::Receiver<Bytes>),
+}
+
+/// The request headers that matter.
+struct RequestInfo<'a> {
+    accept: &'a str,
+    ctype: &'a str,
+    agent: &'a str,
+}
+
+/// kube's field manager for writes without `fieldManager`: the User-Agent
+/// up to its first `/` (e.g. `kubectl` for `kubectl/v1.36.0 (...)`), printable
+/// characters only, at most 128 bytes.
+fn manager_of_agent(agent: &str) -> String {
+    let mut out = String::new();
+    for c in agent.split('/').next().unwrap_or_default().chars().filter(|c| !c.is_control()) {
+        if out.len() + c.len_utf8() > 128 {
+            break;
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn parse_rv(s: &str) -> Result<u64, ApiError> {

@@ -28,8 +28,24 @@
 //!   resourceVersion, from "now" with initial ADDED events,
 //!   `sendInitialEvents`, bookmarks, `timeoutSeconds`, 410 `Expired`),
 //!   create (incl. `generateName`), update, patch (JSON, merge, strategic,
-//!   server-side apply), delete (finalizers, garbage collection of
-//!   dependents, namespace termination), deletecollection, `dryRun=All`.
+//!   server-side apply with field ownership and conflicts), delete
+//!   (finalizers, garbage collection of dependents, namespace termination),
+//!   deletecollection, `dryRun=All`.
+//! - `metadata.managedFields` on every object, kept as kube's fieldmanager
+//!   keeps them (see `managed`): one entry per manager, operation and
+//!   subresource, FieldsV1 as kube writes it; the manager is `fieldManager`
+//!   or the User-Agent's first word. A server-side apply that changes
+//!   another manager's field is a 409 `Conflict` naming it unless
+//!   `force=true`; what an applier stops applying is removed unless another
+//!   manager owns it; a `resourceVersion` in the configuration is a
+//!   precondition.
+//! - Namespace termination as kube's namespace controller does it, right
+//!   after the write that asks for it or changes what it waits for: a
+//!   deleted namespace turns `Terminating`, its content is deleted (what has
+//!   finalizers stays, marked), creates in it are 403, its conditions say
+//!   what remains, and it goes once its content and its finalizers (its
+//!   `kubernetes` one is the controller's; others go through `/finalize`)
+//!   are gone.
 //! - Discovery, OpenAPI v3 (enough for `kubectl apply` validation via
 //!   `fieldValidation`), Table output (`kubectl get`), PartialObjectMetadata
 //!   (kube-rs metadata watchers).
@@ -37,12 +53,16 @@
 //!
 //! # Known gaps
 //! Deliberate simplifications, each cheaper than what it would buy:
-//! - **managedFields** are never returned. Server-side apply is approximated:
-//!   the applied configuration is merged in (maps recursively, lists with
-//!   `x-kubernetes-list-type: map` by key, `set` by value, other lists
-//!   replaced) and the fields the same manager applied last time but omits
-//!   now are removed. Fields of other managers are kept; there are no
-//!   ownership conflicts (`force` is accepted and has no effect).
+//! - **managedFields**: built-in kinds are typed only as far as ownership
+//!   needs (object-valued fields, list types, atomic structs; the rest is
+//!   "deduced" as for schemaless data); writes through core/v1 `events` are
+//!   recorded in `events.k8s.io/v1` terms (their storage); not emulated: the
+//!   cap of 10 `Update` entries, kube's upgrade of the
+//!   `last-applied-configuration` annotation for the manager `kubectl`,
+//!   server-side apply's rejection of fields a CRD schema does not declare
+//!   (they are pruned with a warning instead, and not owned). Server-side
+//!   apply merges lists with `x-kubernetes-list-type: map` by key, `set` by
+//!   value, and replaces other lists and atomic maps.
 //! - **Strategic merge patch** is a JSON merge patch that understands the
 //!   `$patch`/`$retainKeys`/`$setElementOrder`/`$deleteFromPrimitiveList`
 //!   directives and merges `metadata.finalizers` (set) and
@@ -68,10 +88,11 @@
 //! - **Deletion**: graceful deletion periods are 0; `propagationPolicy`
 //!   `Foreground` behaves like `Background` (dependents are deleted at once,
 //!   no `foregroundDeletion` finalizer); `Orphan` removes the owner reference
-//!   from dependents. Garbage collection and the namespace controller run
-//!   synchronously inside the delete that triggers them (kube's run moments
-//!   later). Objects created with only dangling ownerReferences are not
-//!   collected. A CRD's deletion deletes its custom resources (respecting
+//!   from dependents. Garbage collection runs synchronously inside the
+//!   delete that triggers it and the namespace controller right after the
+//!   write (kube's run moments later); a namespace's own `default`
+//!   ServiceAccount and `kube-root-ca.crt` ConfigMap are not created. Objects
+//!   created with only dangling ownerReferences are not collected. A CRD's deletion deletes its custom resources (respecting
 //!   their finalizers) and the CRD goes with the last one.
 //! - **Watch**: bookmarks are sent every second when asked for (kube: about
 //!   once a minute); an object leaving a label/field selector is delivered as
@@ -96,12 +117,15 @@ mod discovery;
 mod error;
 mod events;
 mod http;
+mod managed;
+mod namespaces;
 mod patch;
 mod protobuf;
 mod resources;
 mod selectors;
 mod store;
 mod table;
+mod typed;
 mod validation;
 mod watch;
 

@@ -1,10 +1,11 @@
 //! The patch flavours clients send: JSON patch (RFC 6902), JSON merge patch
-//! (RFC 7386), strategic merge patch (approximated) and server-side apply
-//! (approximated; see the crate docs).
+//! (RFC 7386), strategic merge patch (approximated) and server-side apply's
+//! merge (field ownership is `managed`'s).
 
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
+use crate::typed::{ListKind, Typed};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PatchType {
@@ -155,90 +156,44 @@ fn strip_directives(v: &Value) -> Value {
     }
 }
 
-/// Server-side apply, approximated without managedFields:
-/// 1. fields this manager applied last time but not now are removed;
-/// 2. the applied configuration is merged in (maps recursively; lists with
-///    `x-kubernetes-list-type: map` by key, `set` by value, others replaced).
-///
-/// Fields set by other managers are kept; there are no ownership conflicts.
-pub fn apply(doc: &mut Value, applied: &Value, previous: Option<&Value>, schema: Option<&Value>) {
-    if let Some(prev) = previous {
-        remove_dropped(doc, prev, applied, schema, "");
-    }
-    apply_merge(doc, applied, schema, "");
-}
-
-/// Schema node for a child property (built-in types have no schema; a few
-/// well-known metadata lists are given their list types here).
-fn child_schema<'a>(schema: Option<&'a Value>, key: &str) -> Option<&'a Value> {
-    let s = schema?;
-    s.get("properties").and_then(|p| p.get(key)).or_else(|| s.get("additionalProperties").filter(|a| a.is_object()))
-}
-
-fn list_type(schema: Option<&Value>, path: &str) -> (String, Vec<String>) {
-    match path {
-        "metadata.finalizers" => return ("set".into(), vec![]),
-        "metadata.ownerReferences" => return ("map".into(), vec!["uid".into()]),
-        _ => {}
-    }
-    let Some(s) = schema else {
-        return ("atomic".into(), vec![]);
-    };
-    let t = s.get("x-kubernetes-list-type").and_then(Value::as_str).unwrap_or("atomic").to_string();
-    let keys = s
-        .get("x-kubernetes-list-map-keys")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|k| k.as_str().map(String::from)).collect())
-        .unwrap_or_default();
-    (t, keys)
-}
-
-fn key_of(item: &Value, keys: &[String]) -> Vec<Value> {
-    keys.iter().map(|k| item.get(k).cloned().unwrap_or(Value::Null)).collect()
-}
-
-fn join(path: &str, k: &str) -> String {
-    if path.is_empty() { k.to_string() } else { format!("{path}.{k}") }
-}
-
-fn apply_merge(doc: &mut Value, applied: &Value, schema: Option<&Value>, path: &str) {
+/// Server-side apply's merge of a configuration into the live object: maps
+/// recursively, lists with `x-kubernetes-list-type: map` by key and `set` by
+/// value, atomic maps and other lists replaced. (What the applier omits now
+/// is removed separately, by field ownership: `managed::prune_dropped`.)
+pub fn apply(doc: &mut Value, applied: &Value, t: Typed) {
     match applied {
-        Value::Object(am) => {
+        Value::Object(am) if !t.atomic_map() => {
             if !doc.is_object() {
                 *doc = Value::Object(Map::new());
             }
             let dm = doc.as_object_mut().expect("object");
             for (k, av) in am {
-                let cs = child_schema(schema, k);
-                let p = join(path, k);
+                let ct = t.field(k).0;
+                let entry = dm.entry(k.clone()).or_insert(Value::Null);
                 if av.is_object() {
-                    let entry = dm.entry(k.clone()).or_insert(Value::Null);
-                    apply_merge(entry, av, cs, &p);
-                } else if let Some(items) = av.as_array() {
-                    let (lt, keys) = list_type(cs, &p);
-                    let entry = dm.entry(k.clone()).or_insert(Value::Null);
-                    match (lt.as_str(), entry.as_array_mut()) {
-                        ("map", Some(cur)) if !keys.is_empty() => {
-                            let item_schema = cs.and_then(|s| s.get("items"));
-                            for it in items {
-                                let key = key_of(it, &keys);
-                                match cur.iter().position(|c| key_of(c, &keys) == key) {
-                                    Some(pos) => apply_merge(&mut cur[pos], it, item_schema, &p),
-                                    None => cur.push(it.clone()),
-                                }
+                    apply(entry, av, ct);
+                    continue;
+                }
+                match (av, ct.list_kind(), entry) {
+                    (Value::Array(items), ListKind::Map(keys), Value::Array(cur)) => {
+                        let key_of = |i: &Value| -> Vec<Value> {
+                            keys.iter().map(|k| i.get(k).cloned().unwrap_or(Value::Null)).collect()
+                        };
+                        for it in items {
+                            match cur.iter().position(|c| key_of(c) == key_of(it)) {
+                                Some(pos) => apply(&mut cur[pos], it, ct.items()),
+                                None => cur.push(it.clone()),
                             }
                         }
-                        ("set", Some(cur)) => {
-                            for it in items {
-                                if !cur.contains(it) {
-                                    cur.push(it.clone());
-                                }
-                            }
-                        }
-                        _ => *entry = av.clone(),
                     }
-                } else {
-                    dm.insert(k.clone(), av.clone());
+                    (Value::Array(items), ListKind::Set, Value::Array(cur)) => {
+                        for it in items {
+                            if !cur.contains(it) {
+                                cur.push(it.clone());
+                            }
+                        }
+                    }
+                    (_, _, entry) => *entry = av.clone(),
                 }
             }
         }
@@ -246,83 +201,10 @@ fn apply_merge(doc: &mut Value, applied: &Value, schema: Option<&Value>, path: &
     }
 }
 
-/// Remove what `prev` (this manager's last applied config) had and `now` lacks.
-fn remove_dropped(doc: &mut Value, prev: &Value, now: &Value, schema: Option<&Value>, path: &str) {
-    let (Some(pm), Some(dm)) = (prev.as_object(), doc.as_object_mut()) else {
-        return;
-    };
-    for (k, pv) in pm {
-        // Identity fields are never removed by apply.
-        if path == "metadata" && matches!(k.as_str(), "name" | "namespace") {
-            continue;
-        }
-        if path.is_empty() && matches!(k.as_str(), "apiVersion" | "kind") {
-            continue;
-        }
-        let nv = now.get(k);
-        let p = join(path, k);
-        let cs = child_schema(schema, k);
-        match (pv, nv) {
-            (_, None) => {
-                dm.remove(k);
-            }
-            (Value::Object(_), Some(nv @ Value::Object(_))) => {
-                if let Some(dv) = dm.get_mut(k) {
-                    remove_dropped(dv, pv, nv, cs, &p);
-                }
-            }
-            (Value::Array(pitems), Some(Value::Array(nitems))) => {
-                let (lt, keys) = list_type(cs, &p);
-                let Some(cur) = dm.get_mut(k).and_then(Value::as_array_mut) else {
-                    continue;
-                };
-                match lt.as_str() {
-                    "map" if !keys.is_empty() => {
-                        for pi in pitems {
-                            let key = key_of(pi, &keys);
-                            if !nitems.iter().any(|n| key_of(n, &keys) == key) {
-                                cur.retain(|c| key_of(c, &keys) != key);
-                            }
-                        }
-                    }
-                    "set" => {
-                        for pi in pitems {
-                            if !nitems.contains(pi) {
-                                cur.retain(|c| c != pi);
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn apply_keeps_other_fields_and_drops_own_removed() {
-        let schema = json!({"type": "object", "properties": {"status": {"type": "object", "properties": {
-            "conditions": {"type": "array", "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"],
-                "items": {"type": "object"}},
-            "state": {"type": "string"}, "providerID": {"type": "string"}, "extra": {"type": "string"}}}}});
-        let mut doc = json!({"status": {"providerID": "p", "state": "A"}});
-        let first = json!({"status": {"state": "B", "extra": "e", "conditions": [{"type": "Ready", "status": "True"}, {"type": "X", "status": "True"}]}});
-        apply(&mut doc, &first, None, Some(&schema));
-        assert_eq!(doc["status"]["providerID"], "p");
-        assert_eq!(doc["status"]["conditions"].as_array().unwrap().len(), 2);
-        let second = json!({"status": {"state": "C", "conditions": [{"type": "Ready", "status": "False"}]}});
-        apply(&mut doc, &second, Some(&first), Some(&schema));
-        assert_eq!(
-            doc,
-            json!({"status": {"providerID": "p", "state": "C", "conditions": [{"type": "Ready", "status": "False"}]}})
-        );
-    }
 
     #[test]
     fn strategic_directives() {

@@ -1,8 +1,9 @@
 //! In-memory object storage: one process-wide resourceVersion counter,
 //! objects keyed by resource / namespace / name, a bounded history of watch
-//! events, and the write semantics of kube-apiserver (+ the garbage
-//! collector and namespace controller of kube-controller-manager, run
-//! synchronously inside the write that triggers them).
+//! events, and the write semantics of kube-apiserver (+ kube-controller-
+//! manager's garbage collector, run synchronously inside the write that
+//! triggers it, and its namespace controller, run right after the write:
+//! `Inner::run_controllers`).
 //!
 //! All state sits behind one mutex; each request holds it only for the
 //! in-memory computation (no I/O, no serialization of responses).
@@ -14,13 +15,21 @@ use rand::Rng as _;
 use serde_json::{Map, Value, json};
 
 use crate::error::{ApiError, Cause};
+use crate::managed::{self, FieldSet};
+use crate::namespaces;
 use crate::patch::{self, PatchType};
 use crate::resources::{Builtin, ResourceType};
+use crate::typed::Typed;
 use crate::validation;
 
 /// The first resourceVersion handed out is just above this (a fresh real
 /// cluster is never at "1" either, and it keeps small RVs clearly "too old").
 pub const INITIAL_RV: u64 = 100;
+
+const NAMESPACES: &str = "/namespaces";
+const CRDS: &str = "apiextensions.k8s.io/customresourcedefinitions";
+/// The field manager of the controllers kube-controller-manager runs.
+const KCM: &str = "kube-controller-manager";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventType {
@@ -42,13 +51,6 @@ pub struct HistEvent {
     pub prev: Option<Arc<Value>>,
 }
 
-#[derive(Clone, Debug)]
-pub struct Entry {
-    pub obj: Arc<Value>,
-    /// Last configuration applied (server-side apply) per "manager|subresource".
-    pub applied: BTreeMap<String, Value>,
-}
-
 type ObjKey = (String, String);
 
 /// Which part of an object a write addresses.
@@ -56,11 +58,16 @@ type ObjKey = (String, String);
 pub enum Sub {
     Main,
     Status,
+    /// A namespace's `/finalize`: the only way to change its `spec.finalizers`.
+    Finalize,
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct WriteOpts {
-    pub field_manager: Option<String>,
+    /// The field manager (`fieldManager`, else the User-Agent's first word).
+    pub manager: String,
+    /// `force=true`: a server-side apply takes over conflicting fields.
+    pub force: bool,
     pub dry_run: bool,
     /// The write came through `events.k8s.io` (whose validation applies).
     pub via_events_api: bool,
@@ -68,8 +75,8 @@ pub struct WriteOpts {
     pub unknown_fields: Vec<String>,
     /// `fieldValidation=Strict`: unknown fields are an error.
     pub strict: bool,
-    /// The configuration a server-side apply sent (remembered per manager).
-    pub(crate) applied: Option<Value>,
+    /// The fields a server-side apply's configuration sets.
+    pub(crate) apply: Option<FieldSet>,
 }
 
 fn check_strict(rt: &ResourceType, version: &str, opts: &WriteOpts) -> Result<(), ApiError> {
@@ -104,7 +111,7 @@ pub enum DeleteOutcome {
 pub struct Inner {
     pub rv: u64,
     pub types: BTreeMap<(String, String), Arc<ResourceType>>,
-    pub objects: HashMap<String, BTreeMap<ObjKey, Entry>>,
+    pub objects: HashMap<String, BTreeMap<ObjKey, Arc<Value>>>,
     /// uid -> where the object lives (for garbage collection).
     uids: HashMap<String, (String, String, String)>,
     /// owner uid -> dependents (storage key, namespace, name).
@@ -115,6 +122,9 @@ pub struct Inner {
     pub compacted_rv: u64,
     /// rv at which each storage key began to be served (CRDs: when established).
     pub start_rv: HashMap<String, u64>,
+    /// Terminating namespaces whose content changed: the namespace
+    /// controller's work queue.
+    dirty_namespaces: BTreeSet<String>,
 }
 
 pub struct Store {
@@ -189,6 +199,7 @@ fn normalize_metadata(obj: &mut Value) {
         "annotations",
         "ownerReferences",
         "finalizers",
+        "managedFields",
     ];
     m.retain(|k, v| {
         KNOWN.contains(&k.as_str())
@@ -239,6 +250,7 @@ impl Store {
             history_cap: history_cap.max(1),
             compacted_rv: INITIAL_RV,
             start_rv,
+            dirty_namespaces: BTreeSet::new(),
         };
         let (latest, _) = tokio::sync::watch::channel(INITIAL_RV);
         let store = Arc::new(Store { inner: Mutex::new(inner), latest });
@@ -247,7 +259,8 @@ impl Store {
             let ns_rt = g.type_of("", "namespaces").expect("builtin");
             for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
                 let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
-                g.create(&ns_rt, "v1", "", obj, &mut WriteOpts::default()).expect("bootstrap namespace");
+                let mut opts = WriteOpts { manager: "kube-apiserver".into(), ..Default::default() };
+                g.create(&ns_rt, "v1", "", obj, &mut opts).expect("bootstrap namespace");
             }
         }
         store.notify();
@@ -279,7 +292,7 @@ impl Inner {
         self.objects
             .get(&rt.storage_key())
             .and_then(|b| b.get(&(ns.to_string(), name.to_string())))
-            .map(|e| e.obj.clone())
+            .cloned()
             .ok_or_else(|| ApiError::not_found(rt, name))
     }
 
@@ -293,7 +306,7 @@ impl Inner {
                 .into_iter()
                 .flat_map(|b| b.iter())
                 .filter(|((n, _), _)| in_ns(n))
-                .map(|(_, e)| e.obj.clone())
+                .map(|(_, o)| o.clone())
                 .collect::<Vec<_>>()
         };
         let Some(at) = at_rv.filter(|at| *at < self.rv) else {
@@ -307,7 +320,7 @@ impl Inner {
             .into_iter()
             .flat_map(|b| b.iter())
             .filter(|((n, _), _)| in_ns(n))
-            .map(|(k, e)| (k.clone(), e.obj.clone()))
+            .map(|(k, o)| (k.clone(), o.clone()))
             .collect();
         for ev in self.history.iter().rev() {
             if ev.rv <= at {
@@ -366,59 +379,80 @@ impl Inner {
     }
 
     /// Store `obj` with a fresh resourceVersion and record the watch event.
-    fn put(&mut self, key: &str, ns: &str, mut obj: Value, applied: Option<BTreeMap<String, Value>>) -> Arc<Value> {
+    fn put(&mut self, key: &str, ns: &str, mut obj: Value) -> Arc<Value> {
         let rv = self.bump();
         meta_mut(&mut obj).insert("resourceVersion".into(), Value::String(rv.to_string()));
         let name = meta_str(&obj, "name").to_string();
         let obj = Arc::new(obj);
-        let bucket = self.objects.entry(key.to_string()).or_default();
-        let k = (ns.to_string(), name.clone());
-        let prev = bucket.get(&k).cloned();
-        let applied = applied.or_else(|| prev.as_ref().map(|p| p.applied.clone())).unwrap_or_default();
-        bucket.insert(k, Entry { obj: obj.clone(), applied });
-        let prev_obj = prev.map(|p| p.obj);
-        self.index(key, ns, &name, prev_obj.as_deref(), Some(&obj));
+        let prev = self.objects.entry(key.to_string()).or_default().insert((ns.to_string(), name.clone()), obj.clone());
+        self.index(key, ns, &name, prev.as_deref(), Some(&obj));
         self.record(HistEvent {
             rv,
             key: key.to_string(),
             ns: ns.to_string(),
-            etype: if prev_obj.is_some() { EventType::Modified } else { EventType::Added },
+            etype: if prev.is_some() { EventType::Modified } else { EventType::Added },
             obj: obj.clone(),
-            prev: prev_obj,
+            prev,
         });
+        self.touch_namespace(if key == NAMESPACES { &name } else { ns });
         obj
     }
 
-    /// Remove an object for real: DELETED event, then the garbage collector,
-    /// namespace and CRD finalization that its disappearance unblocks.
+    /// Remove an object for real: DELETED event, then the garbage collector
+    /// and the CRD finalization its disappearance unblocks.
     fn remove(&mut self, key: &str, ns: &str, name: &str, orphan: bool) -> Option<Arc<Value>> {
-        let entry = self.objects.get_mut(key)?.remove(&(ns.to_string(), name.to_string()))?;
+        let obj = self.objects.get_mut(key)?.remove(&(ns.to_string(), name.to_string()))?;
         let rv = self.bump();
-        let mut last = (*entry.obj).clone();
+        let mut last = (*obj).clone();
         meta_mut(&mut last).insert("resourceVersion".into(), Value::String(rv.to_string()));
         let last = Arc::new(last);
-        self.index(key, ns, name, Some(&entry.obj), None);
+        self.index(key, ns, name, Some(&obj), None);
         self.record(HistEvent {
             rv,
             key: key.to_string(),
             ns: ns.to_string(),
             etype: EventType::Deleted,
             obj: last.clone(),
-            prev: Some(entry.obj.clone()),
+            prev: Some(obj.clone()),
         });
-        let uid = meta_str(&entry.obj, "uid").to_string();
+        let uid = meta_str(&obj, "uid").to_string();
         self.collect_dependents(&uid, orphan);
-        if key == "/namespaces" {
+        if key == NAMESPACES {
             return Some(last);
         }
-        if key == "apiextensions.k8s.io/customresourcedefinitions" {
-            self.unregister_crd(&entry.obj);
+        if key == CRDS {
+            self.unregister_crd(&obj);
         }
-        if !ns.is_empty() {
-            self.maybe_finish_namespace(ns);
-        }
+        self.touch_namespace(ns);
         self.maybe_finish_crd(key);
         Some(last)
+    }
+
+    /// Queue a terminating namespace for the namespace controller.
+    fn touch_namespace(&mut self, ns: &str) {
+        if !ns.is_empty() && self.get_by_key(NAMESPACES, "", ns).is_some_and(|n| is_deleting(&n)) {
+            self.dirty_namespaces.insert(ns.to_string());
+        }
+    }
+
+    /// A write by one of the cluster's own controllers, recorded in
+    /// managedFields as an update by `manager`.
+    fn controller_write(
+        &mut self,
+        key: &str,
+        ns: &str,
+        old: &Value,
+        mut new: Value,
+        manager: &str,
+        sub: Sub,
+    ) -> Arc<Value> {
+        if let Some(rt) = self.type_for_key(key) {
+            let version = rt.preferred_version().name.clone();
+            let w = managed::Writer { manager, sub, apply: None, sent: None };
+            // Only applies can conflict.
+            let _ = managed::record(&rt, &version, Some(old), &mut new, &w);
+        }
+        self.put(key, ns, new)
     }
 
     /// Background garbage collection of the dependents of a deleted owner.
@@ -427,10 +461,9 @@ impl Inner {
             return;
         };
         for (key, ns, name) in deps {
-            let Some(entry) = self.objects.get(&key).and_then(|b| b.get(&(ns.clone(), name.clone()))) else {
+            let Some(obj) = self.get_by_key(&key, &ns, &name) else {
                 continue;
             };
-            let obj = entry.obj.clone();
             let others_alive = owner_uids(&obj).iter().any(|u| u != owner_uid && self.uids.contains_key(u));
             if orphan || others_alive {
                 // Drop the dangling reference, as the GC does.
@@ -439,7 +472,7 @@ impl Inner {
                     refs.retain(|r| r.get("uid").and_then(Value::as_str) != Some(owner_uid));
                 }
                 normalize_metadata(&mut o);
-                self.put(&key, &ns, o, None);
+                self.controller_write(&key, &ns, &obj, o, KCM, Sub::Main);
             } else {
                 self.delete_object(&key, &ns, &name, false);
             }
@@ -448,11 +481,11 @@ impl Inner {
 
     /// Delete one object: mark it when it has finalizers, remove it otherwise.
     fn delete_object(&mut self, key: &str, ns: &str, name: &str, orphan: bool) -> Option<DeleteOutcome> {
-        let obj = self.objects.get(key)?.get(&(ns.to_string(), name.to_string()))?.obj.clone();
-        if key == "/namespaces" {
+        let obj = self.get_by_key(key, ns, name)?;
+        if key == NAMESPACES {
             return Some(DeleteOutcome::Pending(self.terminate_namespace(name)));
         }
-        if key == "apiextensions.k8s.io/customresourcedefinitions" {
+        if key == CRDS {
             return Some(self.terminate_crd(name));
         }
         if !finalizers(&obj).is_empty() {
@@ -462,65 +495,121 @@ impl Inner {
             let has_generation = self.has_generation(key);
             let mut o = (*obj).clone();
             mark_deleting(&mut o, has_generation);
-            return Some(DeleteOutcome::Pending(self.put(key, ns, o, None)));
+            return Some(DeleteOutcome::Pending(self.put(key, ns, o)));
         }
         self.remove(key, ns, name, orphan).map(DeleteOutcome::Deleted)
     }
 
-    fn has_generation(&self, key: &str) -> bool {
-        self.types.values().any(|t| t.storage_key() == key && t.has_generation)
+    /// The (storage) resource type of a storage key.
+    fn type_for_key(&self, key: &str) -> Option<Arc<ResourceType>> {
+        self.types.values().find(|t| t.storage_key() == key && t.builtin != Builtin::CoreEvent).cloned()
     }
 
+    fn has_generation(&self, key: &str) -> bool {
+        self.type_for_key(key).is_some_and(|t| t.has_generation)
+    }
+
+    /// The apiserver's part of deleting a namespace: it becomes Terminating
+    /// (no grace period, unlike other objects); its namespace controller
+    /// does the rest.
     fn terminate_namespace(&mut self, name: &str) -> Arc<Value> {
-        let cur = self.objects["/namespaces"][&(String::new(), name.to_string())].obj.clone();
-        let marked = if is_deleting(&cur) {
-            cur
-        } else {
-            let mut o = (*cur).clone();
-            mark_deleting(&mut o, false);
-            o["status"] = json!({"phase": "Terminating"});
-            self.put("/namespaces", "", o, None)
+        let cur = self.get_by_key(NAMESPACES, "", name).expect("namespace exists");
+        self.dirty_namespaces.insert(name.to_string());
+        if is_deleting(&cur) {
+            return cur;
+        }
+        let mut o = (*cur).clone();
+        meta_mut(&mut o).insert("deletionTimestamp".into(), Value::String(now_rfc3339()));
+        o["status"]["phase"] = json!("Terminating");
+        self.put(NAMESPACES, "", o)
+    }
+
+    /// Run what the cluster's controllers do after a write: here, the
+    /// namespace controller for the terminating namespaces whose content
+    /// changed (kube's runs moments later; this one before the next request).
+    pub fn run_controllers(&mut self) {
+        while let Some(ns) = self.dirty_namespaces.pop_first() {
+            self.sync_namespace(&ns);
+            // Its own writes need no second pass.
+            self.dirty_namespaces.remove(&ns);
+        }
+    }
+
+    /// The namespace controller, for one terminating namespace: delete its
+    /// content (what has finalizers is only marked), say in its conditions
+    /// what remains, and once nothing does remove its `kubernetes` finalizer.
+    /// A terminating namespace without finalizers goes.
+    fn sync_namespace(&mut self, name: &str) {
+        let Some(mut ns) = self.get_by_key(NAMESPACES, "", name).filter(|n| is_deleting(n)) else {
+            return;
         };
-        // The namespace controller: delete everything in it.
-        let mut victims = Vec::new();
-        for (key, bucket) in &self.objects {
-            for (ns, n) in bucket.keys() {
-                if ns == name {
-                    victims.push((key.clone(), n.clone()));
-                }
+        let mut spec_finalizers: Vec<Value> =
+            ns.pointer("/spec/finalizers").and_then(Value::as_array).cloned().unwrap_or_default();
+        if spec_finalizers.contains(&json!("kubernetes")) {
+            let remaining = self.delete_content(name);
+            let old = ns.pointer("/status/conditions").and_then(Value::as_array).cloned().unwrap_or_default();
+            let conditions = namespaces::conditions(&old, &remaining, &now_rfc3339());
+            if conditions != old {
+                let mut o = (*ns).clone();
+                o["status"]["conditions"] = Value::Array(conditions);
+                ns = self.controller_write(NAMESPACES, "", &ns, o, KCM, Sub::Status);
+            }
+            if !remaining.is_empty() {
+                return;
+            }
+            spec_finalizers.retain(|f| f != "kubernetes");
+            if !(spec_finalizers.is_empty() && finalizers(&ns).is_empty()) {
+                let mut o = (*ns).clone();
+                o["spec"] = if spec_finalizers.is_empty() { json!({}) } else { json!({"finalizers": spec_finalizers}) };
+                self.controller_write(NAMESPACES, "", &ns, o, KCM, Sub::Finalize);
+                return;
+            }
+            // kube deletes the namespace in the same /finalize write.
+        }
+        if spec_finalizers.is_empty() && finalizers(&ns).is_empty() {
+            self.remove(NAMESPACES, "", name, false);
+        }
+    }
+
+    /// Delete everything in namespace `ns`, resource by resource (what has
+    /// finalizers is marked and stays), and count what is left.
+    fn delete_content(&mut self, ns: &str) -> namespaces::Remaining {
+        let mut keys: Vec<String> = self.objects.keys().filter(|k| *k != NAMESPACES).cloned().collect();
+        keys.sort();
+        let mut left = namespaces::Remaining::default();
+        for key in keys {
+            let in_ns = |this: &Self| -> Vec<Arc<Value>> {
+                this.objects
+                    .get(&key)
+                    .map(|b| b.iter().filter(|((n, _), _)| n == ns).map(|(_, o)| o.clone()).collect())
+                    .unwrap_or_default()
+            };
+            for o in in_ns(self) {
+                self.delete_object(&key, ns, meta_str(&o, "name"), false);
+            }
+            let remaining = in_ns(self);
+            if remaining.is_empty() {
+                continue;
+            }
+            let (group, plural) = key.split_once('/').unwrap_or_default();
+            left.by_resource.insert(format!("{plural}.{group}"), remaining.len());
+            for f in remaining.iter().flat_map(|o| finalizers(o)) {
+                *left.by_finalizer.entry(f).or_default() += 1;
             }
         }
-        for (key, n) in victims {
-            self.delete_object(&key, name, &n, false);
-        }
-        self.maybe_finish_namespace(name);
-        marked
-    }
-
-    /// A terminating namespace goes once it is empty and has no finalizers.
-    fn maybe_finish_namespace(&mut self, name: &str) {
-        let Some(ns) = self.objects.get("/namespaces").and_then(|b| b.get(&(String::new(), name.to_string()))) else {
-            return;
-        };
-        if !is_deleting(&ns.obj) || !finalizers(&ns.obj).is_empty() {
-            return;
-        }
-        let empty = self.objects.iter().all(|(k, b)| k == "/namespaces" || !b.keys().any(|(n, _)| n == name));
-        if empty {
-            self.remove("/namespaces", "", name, false);
-        }
+        left
     }
 
     fn terminate_crd(&mut self, name: &str) -> DeleteOutcome {
-        let key = "apiextensions.k8s.io/customresourcedefinitions";
-        let cur = self.objects[key][&(String::new(), name.to_string())].obj.clone();
+        let key = CRDS;
+        let cur = self.get_by_key(key, "", name).expect("CRD exists");
         let target = ResourceType::from_crd(&cur).map(|t| t.storage_key());
         let marked = if is_deleting(&cur) {
             cur
         } else {
             let mut o = (*cur).clone();
             mark_deleting(&mut o, true);
-            self.put(key, "", o, None)
+            self.put(key, "", o)
         };
         if let Some(tk) = target {
             let victims: Vec<ObjKey> = self.objects.get(&tk).map(|b| b.keys().cloned().collect()).unwrap_or_default();
@@ -536,12 +625,12 @@ impl Inner {
     }
 
     fn get_by_key(&self, key: &str, ns: &str, name: &str) -> Option<Arc<Value>> {
-        self.objects.get(key).and_then(|b| b.get(&(ns.to_string(), name.to_string()))).map(|e| e.obj.clone())
+        self.objects.get(key).and_then(|b| b.get(&(ns.to_string(), name.to_string()))).cloned()
     }
 
     /// A terminating CRD goes once its last custom resource is gone.
     fn maybe_finish_crd(&mut self, cr_key: &str) {
-        let crd_key = "apiextensions.k8s.io/customresourcedefinitions";
+        let crd_key = CRDS;
         let Some((group, plural)) = cr_key.split_once('/') else {
             return;
         };
@@ -587,7 +676,7 @@ impl Inner {
         });
         if o.get("status") != Some(&status) {
             o["status"] = status;
-            self.put("apiextensions.k8s.io/customresourcedefinitions", "", o, None);
+            self.controller_write(CRDS, "", crd, o, "kube-apiserver", Sub::Status);
         }
         if fresh {
             self.start_rv.insert(key, self.rv);
@@ -598,7 +687,7 @@ impl Inner {
         if !rt.namespaced {
             return Ok(());
         }
-        match self.get_by_key("/namespaces", "", ns) {
+        match self.get_by_key(NAMESPACES, "", ns) {
             None => Err(ApiError::not_found_gr("", "namespaces", ns)),
             Some(n) if is_deleting(&n) => Err(ApiError::forbidden(
                 rt,
@@ -626,6 +715,7 @@ impl Inner {
         }
         obj["apiVersion"] = Value::String(rt.api_version(version));
         obj["kind"] = Value::String(rt.kind.clone());
+        let sent_managed = meta(&obj, "managedFields").cloned();
         let body_ns = meta_str(&obj, "namespace").to_string();
         if rt.namespaced && !body_ns.is_empty() && body_ns != ns {
             return Err(ApiError::bad_request(
@@ -664,11 +754,7 @@ impl Inner {
         validation::validate_name(rt, &name)?;
         self.check_namespace(rt, ns, &name)?;
         if rt.builtin == Builtin::Custom
-            && let Some(crd) = self.get_by_key(
-                "apiextensions.k8s.io/customresourcedefinitions",
-                "",
-                &format!("{}.{}", rt.plural, rt.group),
-            )
+            && let Some(crd) = self.get_by_key(CRDS, "", &format!("{}.{}", rt.plural, rt.group))
             && is_deleting(&crd)
         {
             return Err(ApiError::new(
@@ -731,13 +817,13 @@ impl Inner {
             m.insert("generation".into(), json!(1));
         }
         normalize_metadata(&mut obj);
+        managed::record(rt, version, None, &mut obj, &writer(opts, Sub::Main, sent_managed.as_ref()))?;
         // Keep the usual field order: apiVersion, kind, metadata first.
         let obj = reorder(obj);
         if opts.dry_run {
             return Ok(Arc::new(obj));
         }
-        let applied = apply_record(opts, Sub::Main, None);
-        let out = self.put(&key, ns, obj, applied);
+        let out = self.put(&key, ns, obj);
         if rt.builtin == Builtin::Crd {
             self.register_crd(&out);
         }
@@ -758,13 +844,7 @@ impl Inner {
         require_rv: bool,
     ) -> Result<Arc<Value>, ApiError> {
         let key = rt.storage_key();
-        let entry = self
-            .objects
-            .get(&key)
-            .and_then(|b| b.get(&(ns.to_string(), name.to_string())))
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(rt, name))?;
-        let old = entry.obj.clone();
+        let old = self.get_by_key(&key, ns, name).ok_or_else(|| ApiError::not_found(rt, name))?;
         if !new.is_object() {
             return Err(ApiError::bad_request("the body of the request must be a JSON object"));
         }
@@ -802,6 +882,7 @@ impl Inner {
                 ),
             ));
         }
+        let sent_managed = meta(&new, "managedFields").cloned();
         // What each endpoint may change.
         let mut new = match sub {
             Sub::Status => {
@@ -814,7 +895,7 @@ impl Inner {
                 }
                 o
             }
-            Sub::Main => {
+            Sub::Main | Sub::Finalize => {
                 if rt.has_status() {
                     let m = new.as_object_mut().expect("object");
                     match old.get("status") {
@@ -822,7 +903,7 @@ impl Inner {
                         None => m.remove("status"),
                     };
                 }
-                if rt.builtin == Builtin::Namespace {
+                if rt.builtin == Builtin::Namespace && sub == Sub::Main {
                     new["spec"] = old.get("spec").cloned().unwrap_or(json!({}));
                 }
                 new["apiVersion"] = Value::String(rt.api_version(version));
@@ -883,9 +964,9 @@ impl Inner {
                 meta_mut(&mut new).insert("generation".into(), json!(g + 1));
             }
         }
+        managed::record(rt, version, Some(&old), &mut new, &writer(opts, sub, sent_managed.as_ref()))?;
         let new = reorder(new);
-        let applied = apply_record(opts, sub, Some(&entry.applied));
-        if same_ignoring_rv(&new, &old) && applied.as_ref().is_none_or(|a| *a == entry.applied) {
+        if same_ignoring_rv(&new, &old) {
             // A no-op write keeps the resourceVersion and makes no event.
             return Ok(old);
         }
@@ -899,11 +980,9 @@ impl Inner {
             self.remove(&key, ns, name, false);
             return Ok(Arc::new(new));
         }
-        let out = self.put(&key, ns, new, applied);
-        match rt.builtin {
-            Builtin::Crd if sub == Sub::Main => self.register_crd(&out),
-            Builtin::Namespace => self.maybe_finish_namespace(name),
-            _ => {}
+        let out = self.put(&key, ns, new);
+        if rt.builtin == Builtin::Crd && sub == Sub::Main {
+            self.register_crd(&out);
         }
         Ok(out)
     }
@@ -922,19 +1001,22 @@ impl Inner {
         opts: &mut WriteOpts,
     ) -> Result<Arc<Value>, ApiError> {
         let key = rt.storage_key();
-        let existing = self.objects.get(&key).and_then(|b| b.get(&(ns.to_string(), name.to_string()))).cloned();
-        let Some(entry) = existing else {
+        let typed = Typed::of(rt, version);
+        if ptype == PatchType::Apply {
+            managed::check_apply_config(rt, version, body)?;
+        }
+        let Some(live) = self.get_by_key(&key, ns, name) else {
             if ptype == PatchType::Apply && sub == Sub::Main {
                 let mut doc = json!({});
-                patch::apply(&mut doc, body, None, rt.schema());
-                opts.applied = Some(body.clone());
+                patch::apply(&mut doc, body, typed);
+                opts.apply = Some(managed::applied_fields(rt, version, sub, body));
                 let m = meta_mut(&mut doc);
                 m.insert("name".into(), Value::String(name.to_string()));
                 return self.create(rt, version, ns, doc, opts);
             }
             return Err(ApiError::not_found(rt, name));
         };
-        let mut doc = (*entry.obj).clone();
+        let mut doc = (*live).clone();
         doc["apiVersion"] = Value::String(rt.api_version(version));
         match ptype {
             PatchType::Json => patch::json_patch(&mut doc, body)?,
@@ -950,15 +1032,21 @@ impl Inner {
                 patch::strategic_patch(&mut doc, body)
             }
             PatchType::Apply => {
-                let slot = applied_slot(opts, sub);
-                let prev = entry.applied.get(&slot);
-                let body = match sub {
+                let config = match sub {
                     // Only the status of an apply to /status counts.
                     Sub::Status => json!({"status": body.get("status").cloned().unwrap_or(json!({}))}),
-                    Sub::Main => body.clone(),
+                    Sub::Main | Sub::Finalize => body.clone(),
                 };
-                patch::apply(&mut doc, &body, prev, rt.schema());
-                opts.applied = Some(body);
+                patch::apply(&mut doc, &config, typed);
+                // The configuration's resourceVersion and uid are preconditions.
+                for f in ["resourceVersion", "uid"] {
+                    if let Some(v) = meta(body, f).filter(|v| !v.is_null()) {
+                        meta_mut(&mut doc).insert(f.into(), v.clone());
+                    }
+                }
+                let applied = managed::applied_fields(rt, version, sub, &config);
+                managed::prune_dropped(rt, version, sub, &live, &mut doc, &opts.manager, &applied);
+                opts.apply = Some(applied);
             }
         }
         if !doc.is_object() {
@@ -1023,21 +1111,9 @@ fn mark_deleting(o: &mut Value, bump_generation: bool) {
     }
 }
 
-fn applied_slot(opts: &WriteOpts, sub: Sub) -> String {
-    format!("{}|{}", opts.field_manager.as_deref().unwrap_or_default(), if sub == Sub::Status { "status" } else { "" })
-}
-
-/// For server-side apply, remember what this manager applied (set by the
-/// HTTP layer in `opts.field_manager` + the body stashed by `patch`).
-fn apply_record(
-    opts: &WriteOpts,
-    sub: Sub,
-    current: Option<&BTreeMap<String, Value>>,
-) -> Option<BTreeMap<String, Value>> {
-    let body = opts.applied.as_ref()?;
-    let mut m = current.cloned().unwrap_or_default();
-    m.insert(applied_slot(opts, sub), body.clone());
-    Some(m)
+/// Who a write is, for managedFields (`sent`: the managedFields the request's object carried).
+fn writer<'a>(opts: &'a WriteOpts, sub: Sub, sent: Option<&'a Value>) -> managed::Writer<'a> {
+    managed::Writer { manager: &opts.manager, sub, apply: opts.apply.as_ref().map(|a| (a, opts.force)), sent }
 }
 
 /// apiVersion, kind, metadata first; then the rest in the order given.

@@ -367,3 +367,95 @@ async fn deleting_a_crd_deletes_its_objects() {
     setup(a, "default").await;
     assert_eq!(names(&get(a, &coll("default")).await.body).len(), 0);
 }
+
+#[tokio::test]
+async fn namespace_termination_waits_for_finalizers() {
+    let server = TestApiServer::start().await;
+    let a = server.addr();
+    setup(a, "term").await;
+    let ns = "/api/v1/namespaces/term";
+    // A finalizer of someone else's on the namespace itself (set through /finalize).
+    let mut obj = get(a, ns).await.body;
+    obj["spec"]["finalizers"] = json!(["kubernetes", "example.com/hold"]);
+    assert_eq!(json(a, "PUT", &format!("{ns}/finalize"), &obj).await.status, 200);
+    json(a, "POST", "/api/v1/namespaces/term/secrets", &json!({"metadata": {"name": "plain"}})).await;
+    let mut held = gadget("held");
+    held["metadata"]["finalizers"] = json!(["example.com/cleanup"]);
+    assert_eq!(json(a, "POST", &coll("term"), &held).await.status, 201);
+
+    let r = common::request(a, "DELETE", ns, None, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["status"]["phase"], "Terminating");
+    assert!(r.body["metadata"].get("deletionGracePeriodSeconds").is_none());
+    assert_eq!(get(a, "/api/v1/namespaces/term/secrets/plain").await.status, 404, "deleted at once");
+    let terminating = get(a, ns).await.body;
+    let remaining = &terminating["status"]["conditions"][3];
+    assert_eq!(remaining["type"], "NamespaceContentRemaining");
+    assert_eq!(
+        remaining["message"],
+        "Some resources are remaining: gadgets.test.machinist.dev has 1 resource instances"
+    );
+    let managers: Vec<&Value> = terminating["metadata"]["managedFields"].as_array().unwrap().iter().collect();
+    assert!(managers.iter().any(|m| m["manager"] == "kube-controller-manager" && m["subresource"] == "status"));
+
+    // Nothing new in it, events included; both event APIs name what was asked for.
+    let event = json!({"metadata": {"name": "e"}, "involvedObject": {"kind": "Gadget", "name": "held"},
+        "reason": "R", "message": "m", "type": "Normal"});
+    let r = json(a, "POST", "/api/v1/namespaces/term/events", &event).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(
+        r.body["message"],
+        "events \"e\" is forbidden: unable to create new content in namespace term because it is being terminated"
+    );
+    assert!(r.body["details"].get("group").is_none());
+    let r = json(a, "POST", "/apis/events.k8s.io/v1/namespaces/term/events", &event).await;
+    assert_eq!((r.status, r.body["details"]["group"].as_str()), (403, Some("events.k8s.io")));
+    let r = get(a, "/api/v1/namespaces/term/events/nope").await;
+    assert_eq!(r.body["message"], "events \"nope\" not found");
+
+    // Writes to what is left still work; the last finalizer lets the content go.
+    let held_url = format!("{}/held", coll("term"));
+    let r = common::patch(
+        a,
+        &format!("{held_url}/status"),
+        "application/merge-patch+json",
+        &json!({"status": {"state": "Gone"}}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r =
+        common::patch(a, &held_url, "application/merge-patch+json", &json!({"metadata": {"finalizers": null}})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(get(a, &held_url).await.status, 404);
+    // The namespace controller removed its own finalizer; the other one holds the namespace.
+    let waiting = get(a, ns).await.body;
+    assert_eq!(waiting["spec"]["finalizers"], json!(["example.com/hold"]));
+    assert_eq!(waiting["status"]["conditions"][3]["reason"], "ContentRemoved");
+    let mut obj = waiting.clone();
+    obj["spec"]["finalizers"] = json!([]);
+    assert_eq!(json(a, "PUT", &format!("{ns}/finalize"), &obj).await.status, 200);
+    assert_eq!(get(a, ns).await.status, 404, "gone with its last finalizer");
+
+    // An empty namespace goes right after its deletion is answered.
+    json(a, "POST", "/api/v1/namespaces", &json!({"metadata": {"name": "empty"}})).await;
+    let r = common::request(a, "DELETE", "/api/v1/namespaces/empty", None, None).await;
+    assert_eq!((r.status, r.body["status"]["phase"].as_str()), (200, Some("Terminating")));
+    assert_eq!(get(a, "/api/v1/namespaces/empty").await.status, 404);
+}
+
+#[tokio::test]
+async fn managed_fields_can_be_reset_and_apply_must_not_set_them() {
+    let server = TestApiServer::start().await;
+    let a = server.addr();
+    setup(a, "default").await;
+    let created = json(a, "POST", &coll("default"), &gadget("m")).await.body;
+    assert_eq!(created["metadata"]["managedFields"][0]["manager"], common::USER_AGENT.split('/').next().unwrap());
+    let url = format!("{}/m", coll("default"));
+    let r = common::patch(a, &url, "application/merge-patch+json", &json!({"metadata": {"managedFields": [{}]}})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body["metadata"].get("managedFields").is_none(), "{}", r.body);
+    let mut config = gadget("m");
+    config["metadata"]["managedFields"] = json!([{"manager": "x"}]);
+    let r = common::patch(a, &format!("{url}?fieldManager=x"), "application/apply-patch+yaml", &config).await;
+    assert_eq!((r.status, r.body["message"].as_str()), (400, Some("metadata.managedFields must be nil")));
+}

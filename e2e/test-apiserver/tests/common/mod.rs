@@ -12,6 +12,10 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpStream;
 
+/// The recorded traces were made with Python's urllib; a write without
+/// `fieldManager` is managed by the User-Agent's first word, "Python-urllib".
+pub const USER_AGENT: &str = "Python-urllib/3.12";
+
 pub struct Resp {
     pub status: u16,
     pub headers: http::HeaderMap,
@@ -29,7 +33,11 @@ async fn send(
     let stream = TcpStream::connect(addr).await.expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
     tokio::spawn(conn);
-    let mut b = http::Request::builder().method(method).uri(path).header("Host", addr.to_string());
+    let mut b = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("Host", addr.to_string())
+        .header("User-Agent", USER_AGENT);
     if let Some(ct) = content_type {
         b = b.header("Content-Type", ct);
     }
