@@ -2,7 +2,8 @@
 //! namespace controller deletes the Secrets at once and the Machines get their
 //! deletionTimestamp; the Secrets the Machines use stay (machinist's finalizer) until the
 //! Machines are removed like any other deletion, and then the namespace goes by itself.
-//! Nothing is left at the provider.
+//! Nothing is left at the provider: the fake one, a real sshd's authorized_keys (generic),
+//! or moto (amazonec2).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,7 +14,11 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, ResourceExt};
 use machinist_e2e::{Env, ensure_eq, fake_machine};
+use machinist_test_moto::Moto;
 use machinist_test_sshd::TestSshd;
+
+mod common;
+use common::ec2::*;
 
 async fn secret(env: &Env, name: &str, data: BTreeMap<String, Vec<u8>>) -> Result<()> {
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
@@ -40,6 +45,12 @@ async fn a_namespace_holding_machines_is_deleted_by_itself_and_leaves_nothing() 
         sshd.user
     );
     let host = env.create(&generic).await?;
+    let moto = Moto::start();
+    let proxy = loopback_proxy(&moto);
+    proxy.console_output(&cloud_init_console(OTHER_ECDSA, OTHER_ED25519, OTHER_RSA));
+    let (_refusing, port) = refusing_port()?;
+    aws_secret(&env).await?;
+    let web = env.create(&ec2_machine("web", &proxy, port, None)).await?;
     let fakes = [
         env.create(&fake_machine("a", "{}", "  credentialsSecretRef:\n    name: token\n")).await?,
         env.create(&fake_machine("b", "{latencyMillis: {remove: 1500}}", "  credentialsSecretRef:\n    name: token\n"))
@@ -48,6 +59,14 @@ async fn a_namespace_holding_machines_is_deleted_by_itself_and_leaves_nothing() 
     for name in ["host", "a", "b"] {
         env.wait_ready(name).await?;
     }
+    // The EC2 instance runs; its SSH (on a port nothing listens on) is not the point.
+    env.wait_for("web", "running on EC2", Duration::from_secs(60), |m| {
+        m.status.as_ref().is_some_and(|s| s.state == Some(machinist_drivers::State::Running))
+    })
+    .await?;
+    let client = ec2(&moto).await;
+    let (instances, _, _) = tagged(&client, &web.uid().unwrap()).await?;
+    ensure_eq(instances.len(), 1, "EC2 instances before")?;
     let uid = host.uid().unwrap();
     ensure!(std::fs::read_to_string(sshd.authorized_keys_path())?.contains(&format!("machinist:{uid}")));
 
@@ -66,5 +85,7 @@ async fn a_namespace_holding_machines_is_deleted_by_itself_and_leaves_nothing() 
         !authorized.contains(&format!("machinist:{uid}")),
         "the generic host keeps the Machine's key:\n{authorized}"
     );
+    let (instances, keys, groups) = tagged(&client, &web.uid().unwrap()).await?;
+    ensure_eq((instances.len(), keys.len(), groups.len()), (0, 0, 0), "left in EC2 for the Machine")?;
     env.stop_controller().await
 }

@@ -1,0 +1,3 @@
+//! Helpers shared by several e2e test files.
+
+pub mod ec2;
