@@ -515,3 +515,71 @@ async fn an_ec2_machine_deleted_before_ec2_shows_its_instance_leaves_nothing() -
     history.never_lost()?;
     env.cleanup().await
 }
+
+/// amazonec2 Machines created and deleted on an EC2 that is slow and eventually
+/// consistent, while the controller is killed at random moments: never two instances for
+/// one Machine, and nothing left (instances, key pairs, groups) once they are deleted.
+#[tokio::test]
+async fn ec2_machines_under_random_controller_kills_never_duplicate_and_leave_nothing() -> Result<()> {
+    let moto = Moto::start();
+    let proxy = loopback_proxy(&moto);
+    proxy.console_output(&cloud_init_console(OTHER_ECDSA, OTHER_ED25519, OTHER_RSA));
+    proxy.imitate_timing(Ec2Timing {
+        invisible_for: Duration::from_millis(1500),
+        first_use_not_found: true,
+        pending_for: Duration::from_secs(1),
+        stopping_for: Duration::from_secs(1),
+        shutting_down_for: Duration::from_secs(2),
+    });
+    let (_refusing, port) = refusing_port()?;
+    let client = ec2(&moto).await;
+    let mut env = Env::idle("ec2-chaos").await?;
+    aws_secret(&env).await?;
+    let mut uids = Vec::new();
+    for i in 0..4 {
+        uids.push(env.create(&ec2_machine(&format!("m{i}"), &proxy, port, None)).await?.uid().unwrap());
+    }
+    let at_most_one = |counts: Vec<usize>, when: &str| -> Result<()> {
+        anyhow::ensure!(counts.iter().all(|c| *c <= 1), "two instances for one Machine {when}: {counts:?}");
+        Ok(())
+    };
+    // Kill the controller at random moments: six times while creating (more, until
+    // something was launched), then six times while deleting.
+    let mut deleted_at = None;
+    for round in 0..24 {
+        if deleted_at.is_some_and(|at| round >= at + 6) {
+            break;
+        }
+        if deleted_at.is_none() && round >= 6 {
+            let mut launched = 0;
+            for uid in &uids {
+                launched += tagged(&client, uid).await?.0.len();
+            }
+            if launched > 0 {
+                for i in 0..4 {
+                    env.machines.delete(&format!("m{i}"), &Default::default()).await?;
+                }
+                deleted_at = Some(round);
+            }
+        }
+        env.start_controller();
+        tokio::time::sleep(Duration::from_millis(200 + rand::random::<u64>() % 1800)).await;
+        env.abort_controller();
+        let mut counts = Vec::new();
+        for uid in &uids {
+            counts.push(tagged(&client, uid).await?.0.len());
+        }
+        at_most_one(counts, &format!("after kill {round}"))?;
+    }
+    anyhow::ensure!(deleted_at.is_some(), "nothing was launched in 18 rounds: the test proves nothing");
+    // A controller left alone finishes the deletions.
+    env.start_controller();
+    for i in 0..4 {
+        env.delete_and_wait(&format!("m{i}")).await?;
+    }
+    for uid in &uids {
+        let (instances, keys, groups) = tagged(&client, uid).await?;
+        ensure_eq((instances.len(), keys.len(), groups.len()), (0, 0, 0), "left in EC2 for a Machine")?;
+    }
+    env.cleanup().await
+}

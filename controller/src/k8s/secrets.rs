@@ -50,15 +50,27 @@ pub async fn read(
 
 /// Adds machinist's finalizer, unless the Secret has it, or is being deleted already
 /// (Kubernetes refuses new finalizers then; it may still go).
-pub(super) async fn guard(secrets: &Api<Secret>, secret: Secret) -> Result<Secret, kube::Error> {
-    if secret.finalizers().iter().any(|f| f == SECRET_FINALIZER) || secret.metadata.deletion_timestamp.is_some() {
-        return Ok(secret);
+pub(super) async fn guard(secrets: &Api<Secret>, mut secret: Secret) -> Result<Secret, kube::Error> {
+    for attempt in 0..3 {
+        if secret.finalizers().iter().any(|f| f == SECRET_FINALIZER) || secret.metadata.deletion_timestamp.is_some() {
+            return Ok(secret);
+        }
+        let mut finalizers = secret.finalizers().to_vec();
+        finalizers.push(SECRET_FINALIZER.to_string());
+        match patch_finalizers(secrets, &secret, finalizers).await {
+            Ok(guarded) => {
+                debug!(secret = %secret.name_any(), "protecting the Secret while a Machine uses it");
+                return Ok(guarded);
+            }
+            // Changed since it was read (another Machine guarding the same Secret at the
+            // same moment, most likely): read it again.
+            Err(kube::Error::Api(e)) if attempt < 2 && (e.code == 409 || e.code == 422) => {
+                secret = secrets.get(&secret.name_any()).await?;
+            }
+            Err(e) => return Err(e),
+        }
     }
-    let mut finalizers = secret.finalizers().to_vec();
-    finalizers.push(SECRET_FINALIZER.to_string());
-    let guarded = patch_finalizers(secrets, &secret, finalizers).await?;
-    debug!(secret = %secret.name_any(), "protecting the Secret while a Machine uses it");
-    Ok(guarded)
+    Ok(secret)
 }
 
 /// Replaces the finalizer list, on the condition that the Secret did not change since it
