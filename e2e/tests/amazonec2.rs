@@ -460,7 +460,9 @@ async fn an_ec2_machine_on_slow_eventually_consistent_ec2_never_looks_lost() -> 
     })
     .await?;
 
-    // A hard restart: Kill, and Start once EC2 lets it (not while it is still stopping).
+    // A hard restart: Kill, and Start once the instance is observed stopped: never while it
+    // is still stopping (EC2 would refuse it), so no failure is recorded on the way.
+    let (starts, stops) = (proxy.count("StartInstances"), proxy.count("StopInstances"));
     env.patch("web", json!({ "spec": { "restartMode": "Hard", "restartRequest": "r1" } })).await?;
     env.wait_for("web", "hard-restarted and running", Duration::from_secs(60), |m| {
         m.status.as_ref().is_some_and(|s| s.last_restart_request.as_deref() == Some("r1"))
@@ -469,6 +471,8 @@ async fn an_ec2_machine_on_slow_eventually_consistent_ec2_never_looks_lost() -> 
     })
     .await?;
     ensure_eq(state_in_moto(&client, &id).await?, Some("running".to_string()), "running in moto")?;
+    ensure_eq(proxy.count("StopInstances") - stops, 1, "Kill calls of the hard restart")?;
+    ensure_eq(proxy.count("StartInstances") - starts, 1, "Start calls of the hard restart (none refused)")?;
 
     // Deleted: Remove says it waits while the instance shuts down, then everything goes.
     delete_leaving_nothing(&env, &client, "web", &uid).await?;

@@ -82,7 +82,8 @@ pub struct MachineSpec {
     #[schemars(length(max = 253))]
     pub restart_request: Option<String>,
 
-    /// How to restart: `Soft` (driver Restart) or `Hard` (Kill, then Start).
+    /// How to restart: `Soft` (driver Restart) or `Hard` (Kill, then Start once the instance is observed
+    /// stopped).
     #[serde(default)]
     pub restart_mode: RestartMode,
 

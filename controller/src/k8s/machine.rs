@@ -533,10 +533,6 @@ async fn perform(
         }
         Step::Kill => done(call(ctx, driver, Operation::Kill, driver.kill(id)).await, Operation::Kill),
         Step::Restart => done(call(ctx, driver, Operation::Restart, driver.restart(id)).await, Operation::Restart),
-        Step::HardRestart => match call(ctx, driver, Operation::Kill, driver.kill(id)).await {
-            Ok(()) => done(call(ctx, driver, Operation::Start, driver.start(id)).await, Operation::Start),
-            Err(error) => Outcome::Failed { operation: Operation::Kill, error },
-        },
         Step::Remove => removal(call(ctx, driver, Operation::Remove, driver.remove(id)).await),
         Step::CheckSsh | Step::Provision { .. } => {
             let Some(key) = key else {

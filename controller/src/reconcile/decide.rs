@@ -199,19 +199,24 @@ fn plan_instance(
     // still reports the instance up (providers that power off by ACPI report Running
     // until the guest does): it is stopping, whatever the provider says. No second Stop;
     // the Kill comes after stopTimeoutSeconds, counted from that Stop.
-    let own_stop_pending = spec.power_state == PowerState::Stopped
-        && matches!(state, State::Running | State::Paused | State::Saved)
-        && before.phase == Some(Phase::Stopping)
-        && last_op.is_some_and(|op| {
-            matches!(op.operation, Operation::Stop | Operation::Kill) && op.result != OperationResult::Failed
-        });
+    // So is the Kill of a hard restart, until Stopped is observed.
+    let own_stop = |phase: Phase, operations: &[Operation]| {
+        before.phase == Some(phase)
+            && last_op.is_some_and(|op| operations.contains(&op.operation) && op.result != OperationResult::Failed)
+    };
+    let own_stop_pending = matches!(state, State::Running | State::Paused | State::Saved)
+        && match spec.power_state {
+            PowerState::Stopped => own_stop(Phase::Stopping, &[Operation::Stop, Operation::Kill]),
+            PowerState::Running => restart.is_some() && own_stop(Phase::Restarting, &[Operation::Kill]),
+        };
     let state = if own_stop_pending { State::Stopping } else { state };
     match (spec.power_state, state) {
         (PowerState::Running, State::Running) => {
             if let Some(request) = restart {
                 let s = match spec.restart_mode {
                     RestartMode::Soft => Step::Restart,
-                    RestartMode::Hard => Step::HardRestart,
+                    // Kill now; Start once the instance is observed stopped.
+                    RestartMode::Hard => Step::Kill,
                 };
                 step = Some(Planned { step: s, cause: Cause::RestartRequest(request) });
                 phase = Phase::Restarting;
@@ -284,7 +289,7 @@ fn plan_instance(
             phase = Phase::Stopping;
         }
         (desired, State::Stopping) => {
-            phase = Phase::Stopping;
+            phase = if restarting && desired == PowerState::Running { Phase::Restarting } else { Phase::Stopping };
             // A stop that does not finish is killed after the stop timeout, counted from
             // machinist's own Stop or Kill, else from when the power state went out of
             // sync: never an endless wait (a failed Kill, a failed observation, a hung
@@ -473,6 +478,13 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
         }
         Outcome::Succeeded | Outcome::StopEscalated => {
             status.failures = None;
+            // The Start that completes a hard restart: its Kill is the last operation.
+            let restarting_hard = machine.spec.restart_mode == RestartMode::Hard
+                && machine
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.last_operation.as_ref())
+                    .is_some_and(|op| op.operation == Operation::Kill && op.result == OperationResult::Succeeded);
             let (phase, reason, message) = match (&planned.step, &outcome) {
                 (_, Outcome::StopEscalated) => (
                     Phase::Stopping,
@@ -485,6 +497,12 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
                 (Step::Start, _) if planned.cause == Cause::Drift => {
                     (Phase::Starting, "Started", "started the instance after it was stopped out of band".to_string())
                 }
+                (Step::Start, _) if matches!(planned.cause, Cause::RestartRequest(_)) && restarting_hard => (
+                    Phase::Restarting,
+                    "Restarted",
+                    "restarted the instance: killed it, then started it once it was stopped (restartMode: Hard)"
+                        .to_string(),
+                ),
                 (Step::Start, _) => (Phase::Starting, "Started", "started the instance".to_string()),
                 (Step::Stop { .. }, _) => {
                     (Phase::Stopping, "Stopped", "asked the instance to stop gracefully".to_string())
@@ -497,15 +515,16 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
                         machine.spec.stop_timeout().as_secs()
                     ),
                 ),
+                (Step::Kill, _) if matches!(planned.cause, Cause::RestartRequest(_)) => (
+                    Phase::Restarting,
+                    "Killed",
+                    "killed the instance for the restart; it is started once it is stopped (restartMode: Hard)"
+                        .to_string(),
+                ),
                 (Step::Kill, _) => (Phase::Stopping, "Killed", "killed the instance (stopMode: Force)".to_string()),
                 (Step::Restart, _) => {
                     (Phase::Restarting, "Restarted", "restarted the instance (restartMode: Soft)".to_string())
                 }
-                (Step::HardRestart, _) => (
-                    Phase::Restarting,
-                    "Restarted",
-                    "restarted the instance: killed it, then started it (restartMode: Hard)".to_string(),
-                ),
                 (Step::Create | Step::Remove | Step::CheckSsh | Step::Provision { .. }, _) => {
                     (Phase::Creating, "Succeeded", String::new())
                 }
@@ -515,10 +534,13 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
                 _ => planned.step.operation(),
             };
             last_operation(&mut status, operation, OperationResult::Succeeded, message.clone(), now);
-            if let Cause::RestartRequest(request) = &planned.cause {
+            // A hard restart is handled once its Start went through, not at its Kill.
+            if let Cause::RestartRequest(request) = &planned.cause
+                && planned.step != Step::Kill
+            {
                 status.last_restart_request = Some(request.clone());
             }
-            if input.offers_ssh && matches!(planned.step, Step::Start | Step::Restart | Step::HardRestart) {
+            if input.offers_ssh && matches!(planned.step, Step::Start | Step::Restart) {
                 conditions(&mut status, machine, now).unknown(
                     ConditionType::SSHReady,
                     "WaitingForSSH",
@@ -638,10 +660,8 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
         Outcome::Failed { operation, error } => {
             let (delay, note) = record_failure(&mut status, input, operation, &error);
             notes.push(note);
-            // A hard restart whose Kill went through has been handled; bringing the
-            // instance back up is ordinary convergence. So is a restart the driver cannot do.
-            let handled = matches!(planned.step, Step::HardRestart) && operation == Operation::Start
-                || matches!(error, DriverError::NotSupported { .. });
+            // A restart the driver cannot do is handled: said, and not retried.
+            let handled = matches!(error, DriverError::NotSupported { .. });
             if let (true, Cause::RestartRequest(request)) = (handled, &planned.cause) {
                 status.last_restart_request = Some(request.clone());
             }
@@ -694,9 +714,11 @@ pub fn begin(plan: &Plan, planned: &Planned, now: jiff::Timestamp) -> MachineSta
         Step::Start => "starting the instance",
         Step::Stop { .. } => "stopping the instance gracefully",
         Step::Kill if planned.cause == Cause::StopTimeout => "killing the instance: the graceful stop timed out",
+        Step::Kill if matches!(planned.cause, Cause::RestartRequest(_)) => {
+            "restarting the instance: killing it, then starting it once it is stopped (restartMode: Hard)"
+        }
         Step::Kill => "killing the instance",
         Step::Restart => "restarting the instance",
-        Step::HardRestart => "restarting the instance: kill, then start",
         Step::Remove => "removing the instance",
         Step::CheckSsh | Step::Provision { .. } => unreachable!("handled above"),
     };

@@ -70,10 +70,9 @@ pub enum Step {
         escalate_after: Duration,
     },
     Kill,
-    /// Soft restart (driver Restart).
+    /// Soft restart (driver Restart). A hard one is a Kill, then (once Stopped is
+    /// observed) a Start, each its own step.
     Restart,
-    /// Kill, then Start.
-    HardRestart,
     Remove,
     /// Connect over SSH with the Machine's key and run a no-op, pinning the host key.
     CheckSsh,
@@ -91,7 +90,7 @@ impl Step {
             Step::Start => Operation::Start,
             Step::Stop { .. } => Operation::Stop,
             Step::Kill => Operation::Kill,
-            Step::Restart | Step::HardRestart => Operation::Restart,
+            Step::Restart => Operation::Restart,
             Step::Remove => Operation::Remove,
             // Not driver operations: they report in SSHReady and Provisioned.
             Step::CheckSsh | Step::Provision { .. } => Operation::Status,

@@ -310,11 +310,11 @@ fn table() -> Vec<Row> {
             ..row()
         },
         Row {
-            name: "restart request, Hard: kill then start",
+            name: "restart request, Hard: kill first (start once stopped)",
             restart: Some(("r1", RestartMode::Hard)),
             observed: instance(State::Running),
             prior: |m| was(State::Running)(m),
-            step: planned(Step::HardRestart, Cause::RestartRequest("r1".into())),
+            step: planned(Step::Kill, Cause::RestartRequest("r1".into())),
             phase: Some(Phase::Restarting),
             synced: Some(("False", "Restarting")),
             ready: ("False", "Restarting"),
@@ -1192,26 +1192,56 @@ fn a_failure_holds_the_step_back_until_its_retry_is_due() {
 
 #[test]
 fn a_successful_restart_is_echoed_exactly_once() {
-    for (mode, step) in [(RestartMode::Soft, Step::Restart), (RestartMode::Hard, Step::HardRestart)] {
-        let machine = was(State::Running)(Machine::test().with_restart("r1", mode));
-        let input = input(&machine, instance(State::Running));
-        let plan = plan(&input);
-        let planned = plan.step.clone().unwrap();
-        assert_eq!(planned.step, step);
-        let recorded = record(&input, &plan, &planned, Outcome::Succeeded);
-        assert_eq!(recorded.status.last_restart_request.as_deref(), Some("r1"));
-        assert_eq!(reasons(&recorded.notes), ["Restarted"]);
-        assert_eq!(recorded.status.phase, Some(Phase::Restarting));
+    let machine = was(State::Running)(Machine::test().with_restart("r1", RestartMode::Soft));
+    let input = input(&machine, instance(State::Running));
+    let plan = plan(&input);
+    let planned = plan.step.clone().unwrap();
+    assert_eq!(planned.step, Step::Restart);
+    let recorded = record(&input, &plan, &planned, Outcome::Succeeded);
+    assert_eq!(recorded.status.last_restart_request.as_deref(), Some("r1"));
+    assert_eq!(reasons(&recorded.notes), ["Restarted"]);
+    assert_eq!(recorded.status.phase, Some(Phase::Restarting));
 
-        let machine = feed(&machine, &recorded.status);
-        for state in [State::Starting, State::Running, State::Running] {
-            let next = super::plan(&input_at(&machine, instance(state), at(2)));
-            assert_eq!(next.step, None, "{mode:?}: restarted again in {state}");
-        }
-        // A new request is a new restart.
-        let again = machine.clone().with_generation(2).with_restart("r2", mode);
-        let next = super::plan(&input_at(&again, instance(State::Running), at(4)));
-        assert_eq!(next.step, Some(Planned { step, cause: Cause::RestartRequest("r2".into()) }));
+    let machine = feed(&machine, &recorded.status);
+    for state in [State::Starting, State::Running, State::Running] {
+        let next = super::plan(&input_at(&machine, instance(state), at(2)));
+        assert_eq!(next.step, None, "restarted again in {state}");
+    }
+    // A new request is a new restart.
+    let again = machine.clone().with_generation(2).with_restart("r2", RestartMode::Soft);
+    let next = super::plan(&input_at(&again, instance(State::Running), at(4)));
+    assert_eq!(next.step, Some(Planned { step: Step::Restart, cause: Cause::RestartRequest("r2".into()) }));
+}
+
+/// A hard restart is two steps, each decided: Kill, then, once Stopped is observed,
+/// Start. Never Start while the instance is still stopping (EC2 refuses it), never a
+/// second Kill while the first is pending, and the request is echoed at the Start.
+#[test]
+fn a_hard_restart_kills_waits_for_stopped_then_starts_once() {
+    let request = || Cause::RestartRequest("r1".into());
+    let machine = was(State::Running)(Machine::test().with_restart("r1", RestartMode::Hard));
+    let (machine, recorded) = step_and_record(&machine, instance(State::Running), now(), Outcome::Succeeded);
+    assert_eq!(machine.status.as_ref().unwrap().last_restart_request, None, "not handled at the Kill");
+    assert_eq!(machine.status.as_ref().unwrap().phase, Some(Phase::Restarting));
+    assert_eq!(reasons(&recorded.notes), ["Killed"]);
+    // Still Running (the Kill not taken effect yet), then Stopping: no step.
+    for state in [State::Running, State::Stopping, State::Stopping] {
+        let next = plan(&input_at(&machine, instance(state), at(2)));
+        assert_eq!(next.step, None, "in {state}");
+        assert_eq!(next.status.phase, Some(Phase::Restarting), "in {state}");
+        assert!(warnings(&next.notes).is_empty(), "in {state}: {:?}", next.notes);
+    }
+    // Stopped: Start, which completes the restart.
+    let input = input_at(&machine, instance(State::Stopped), at(3));
+    let start = plan(&input);
+    assert_eq!(start.step, Some(Planned { step: Step::Start, cause: request() }));
+    assert!(warnings(&start.notes).is_empty(), "no drift: {:?}", start.notes);
+    let done = record(&input, &start, start.step.as_ref().unwrap(), Outcome::Succeeded);
+    assert_eq!(done.status.last_restart_request.as_deref(), Some("r1"));
+    assert_eq!(reasons(&done.notes), ["Restarted"]);
+    let machine = feed(&machine, &done.status);
+    for state in [State::Starting, State::Running] {
+        assert_eq!(plan(&input_at(&machine, instance(state), at(5))).step, None, "restarted again in {state}");
     }
 }
 
@@ -1226,25 +1256,25 @@ fn hard_restart_whose_kill_failed_is_not_echoed() {
     );
     assert_eq!(machine.status.as_ref().unwrap().last_restart_request, None);
     let retry = plan(&input_at(&machine, instance(State::Running), at(1)));
-    assert_eq!(retry.step, planned(Step::HardRestart, Cause::RestartRequest("r1".into())));
+    assert_eq!(retry.step, planned(Step::Kill, Cause::RestartRequest("r1".into())));
 }
 
 #[test]
-fn hard_restart_whose_start_failed_is_echoed_and_converges_by_start() {
+fn hard_restart_whose_start_failed_starts_again_and_never_kills_again() {
     let machine = was(State::Running)(Machine::test().with_restart("r1", RestartMode::Hard));
+    let (machine, _) = step_and_record(&machine, instance(State::Running), now(), Outcome::Succeeded);
     let (machine, _) = step_and_record(
         &machine,
-        instance(State::Running),
-        now(),
+        instance(State::Stopped),
+        at(1),
         Outcome::Failed { operation: Operation::Start, error: transient() },
     );
-    assert_eq!(machine.status.as_ref().unwrap().last_restart_request.as_deref(), Some("r1"));
-    // Killed, so found stopped: started (after the backoff), not restarted, and no drift.
-    let early = plan(&input_at(&machine, instance(State::Stopped), now()));
+    assert_eq!(machine.status.as_ref().unwrap().last_restart_request, None, "not done yet");
+    // Found stopped: started again after the backoff, not killed again.
+    let early = plan(&input_at(&machine, instance(State::Stopped), at(1)));
     assert_eq!(early.step, None);
-    assert!(warnings(&early.notes).is_empty(), "{:?}", early.notes);
-    let retry = plan(&input_at(&feed(&machine, &early.status), instance(State::Stopped), at(1)));
-    assert_eq!(retry.step, planned(Step::Start, Cause::Converge));
+    let retry = plan(&input_at(&feed(&machine, &early.status), instance(State::Stopped), at(3)));
+    assert_eq!(retry.step, planned(Step::Start, Cause::RestartRequest("r1".into())));
 }
 
 #[test]
@@ -1852,6 +1882,8 @@ mod simulation {
         requests: u32,
         /// How often each restart request was carried out at the provider.
         performed: BTreeMap<String, u32>,
+        /// The restart request whose hard restart's Kill was made.
+        hard_killed: Option<String>,
         /// Requests whose step ran in a reconcile that crashed before recording.
         crashed: BTreeSet<String>,
         /// An out-of-band stop happened since the instance was last seen running.
@@ -1882,6 +1914,7 @@ mod simulation {
                 crash_next: setup.crash_on_create,
                 requests: 0,
                 performed: BTreeMap::new(),
+                hard_killed: None,
                 crashed: BTreeSet::new(),
                 stopped_out_of_band: false,
                 log: Vec::new(),
@@ -2008,7 +2041,11 @@ mod simulation {
                     }
                     Step::Start => {
                         self.call(Operation::Start)?;
-                        self.performed(&planned.cause);
+                        let completes_hard_restart =
+                            matches!(&planned.cause, Cause::RestartRequest(r) if self.hard_killed.as_ref() == Some(r));
+                        if !completes_hard_restart {
+                            self.performed(&planned.cause);
+                        }
                         self.set_state(State::Starting);
                     }
                     Step::Stop { .. } => {
@@ -2025,18 +2062,16 @@ mod simulation {
                     }
                     Step::Kill => {
                         self.call(Operation::Kill)?;
+                        // A hard restart is carried out at its Kill; its Start completes it.
+                        self.performed(&planned.cause);
+                        if let Cause::RestartRequest(r) = &planned.cause {
+                            self.hard_killed = Some(r.clone());
+                        }
                         self.set_state(State::Stopped);
                     }
                     Step::Restart => {
                         self.call(Operation::Restart)?;
                         self.performed(&planned.cause);
-                        self.set_state(State::Starting);
-                    }
-                    Step::HardRestart => {
-                        self.call(Operation::Kill)?;
-                        self.performed(&planned.cause);
-                        self.set_state(State::Stopped);
-                        self.call(Operation::Start)?;
                         self.set_state(State::Starting);
                     }
                     Step::Remove => panic!("Remove planned for a live Machine"),
