@@ -203,6 +203,11 @@ pub struct MachineStatus {
     /// The last `spec.restartRequest` handled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restart_request: Option<String>,
+    /// The `spec.restartRequest` whose restart call is under way, written before the call.
+    /// Found here by a later reconcile (machinist stopped, or its result could not be
+    /// written), the restart is not repeated: at most once per request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_request_in_progress: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_operation: Option<LastOperation>,
     /// Consecutive failed attempts and when the next one is due.

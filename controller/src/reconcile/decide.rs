@@ -184,7 +184,25 @@ fn plan_instance(
     c.set(ConditionType::InstanceCreated, true, "Created", format!("instance {id} exists"));
     ssh_conditions(&mut c, machine, driver_name, input.offers_ssh);
 
-    let restart = spec.restart_request.as_ref().filter(|r| before.last_restart_request.as_ref() != Some(*r)).cloned();
+    let mut restart =
+        spec.restart_request.as_ref().filter(|r| before.last_restart_request.as_ref() != Some(*r)).cloned();
+    // A restart begun for this very request whose result never reached the status: it
+    // may or may not have happened. Never repeated: handled, and said.
+    if let Some(request) = restart.clone().filter(|r| before.restart_request_in_progress.as_ref() == Some(r)) {
+        notes.push(Note::warning(
+            "RestartInterrupted",
+            "Restart",
+            format!(
+                "the restart for spec.restartRequest {request:?} was interrupted before its result was recorded \
+                 (machinist stopped, or could not write the status); it may not have happened, and is not \
+                 repeated. Set spec.restartRequest to a new value to restart again"
+            ),
+        ));
+        c.status.last_restart_request = Some(request);
+        restart = None;
+    }
+    // Only `begin` records an intent, for the call it shows; any other is done with.
+    c.status.restart_request_in_progress = None;
     let last_op = before.last_operation.as_ref();
     let restarting = before.phase == Some(Phase::Restarting);
     let progress = Some(settings.progress_interval);
@@ -199,15 +217,18 @@ fn plan_instance(
     // still reports the instance up (providers that power off by ACPI report Running
     // until the guest does): it is stopping, whatever the provider says. No second Stop;
     // the Kill comes after stopTimeoutSeconds, counted from that Stop.
-    // So is the Kill of a hard restart, until Stopped is observed.
+    // So is the Kill of a hard restart, until Stopped is observed; one seen up again past
+    // stopTimeoutSeconds was killed and runs again (started by someone else): nothing
+    // more to do, and never a second Kill.
     let own_stop = |phase: Phase, operations: &[Operation]| {
         before.phase == Some(phase)
             && last_op.is_some_and(|op| operations.contains(&op.operation) && op.result != OperationResult::Failed)
     };
+    let killed_long_ago = last_op.is_some_and(|op| duration_between(op.time.0, input.now) >= spec.stop_timeout());
     let own_stop_pending = matches!(state, State::Running | State::Paused | State::Saved)
         && match spec.power_state {
             PowerState::Stopped => own_stop(Phase::Stopping, &[Operation::Stop, Operation::Kill]),
-            PowerState::Running => restart.is_some() && own_stop(Phase::Restarting, &[Operation::Kill]),
+            PowerState::Running => own_stop(Phase::Restarting, &[Operation::Kill]) && !killed_long_ago,
         };
     let state = if own_stop_pending { State::Stopping } else { state };
     match (spec.power_state, state) {
@@ -478,11 +499,10 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
         }
         Outcome::Succeeded | Outcome::StopEscalated => {
             status.failures = None;
-            // The Start that completes a hard restart: its Kill is the last operation.
-            let restarting_hard = machine.spec.restart_mode == RestartMode::Hard
-                && machine
-                    .status
-                    .as_ref()
+            // The Start that completes a hard restart: it follows that restart's Kill.
+            let before = machine.status.as_ref();
+            let restarting_hard = before.is_some_and(|s| s.phase == Some(Phase::Restarting))
+                && before
                     .and_then(|s| s.last_operation.as_ref())
                     .is_some_and(|op| op.operation == Operation::Kill && op.result == OperationResult::Succeeded);
             let (phase, reason, message) = match (&planned.step, &outcome) {
@@ -497,7 +517,7 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
                 (Step::Start, _) if planned.cause == Cause::Drift => {
                     (Phase::Starting, "Started", "started the instance after it was stopped out of band".to_string())
                 }
-                (Step::Start, _) if matches!(planned.cause, Cause::RestartRequest(_)) && restarting_hard => (
+                (Step::Start, _) if restarting_hard => (
                     Phase::Restarting,
                     "Restarted",
                     "restarted the instance: killed it, then started it once it was stopped (restartMode: Hard)"
@@ -534,10 +554,9 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
                 _ => planned.step.operation(),
             };
             last_operation(&mut status, operation, OperationResult::Succeeded, message.clone(), now);
-            // A hard restart is handled once its Start went through, not at its Kill.
-            if let Cause::RestartRequest(request) = &planned.cause
-                && planned.step != Step::Kill
-            {
+            // A hard restart is carried out by its Kill: bringing the instance back up is
+            // ordinary convergence (Start once it is observed stopped).
+            if let Cause::RestartRequest(request) = &planned.cause {
                 status.last_restart_request = Some(request.clone());
             }
             if input.offers_ssh && matches!(planned.step, Step::Start | Step::Restart) {
@@ -723,5 +742,9 @@ pub fn begin(plan: &Plan, planned: &Planned, now: jiff::Timestamp) -> MachineSta
         Step::CheckSsh | Step::Provision { .. } => unreachable!("handled above"),
     };
     last_operation(&mut status, planned.step.operation(), OperationResult::InProgress, message, now);
+    // The intent, before the call: a restart is at most once per request.
+    if let Cause::RestartRequest(request) = &planned.cause {
+        status.restart_request_in_progress = Some(request.clone());
+    }
     status
 }

@@ -1213,15 +1213,14 @@ fn a_successful_restart_is_echoed_exactly_once() {
     assert_eq!(next.step, Some(Planned { step: Step::Restart, cause: Cause::RestartRequest("r2".into()) }));
 }
 
-/// A hard restart is two steps, each decided: Kill, then, once Stopped is observed,
-/// Start. Never Start while the instance is still stopping (EC2 refuses it), never a
-/// second Kill while the first is pending, and the request is echoed at the Start.
+/// A hard restart is two steps, each decided: Kill (which carries the request out), then,
+/// once Stopped is observed, Start. Never Start while the instance is still stopping (EC2
+/// refuses it), never a second Kill while the first is pending.
 #[test]
 fn a_hard_restart_kills_waits_for_stopped_then_starts_once() {
-    let request = || Cause::RestartRequest("r1".into());
     let machine = was(State::Running)(Machine::test().with_restart("r1", RestartMode::Hard));
     let (machine, recorded) = step_and_record(&machine, instance(State::Running), now(), Outcome::Succeeded);
-    assert_eq!(machine.status.as_ref().unwrap().last_restart_request, None, "not handled at the Kill");
+    assert_eq!(machine.status.as_ref().unwrap().last_restart_request.as_deref(), Some("r1"), "handled at the Kill");
     assert_eq!(machine.status.as_ref().unwrap().phase, Some(Phase::Restarting));
     assert_eq!(reasons(&recorded.notes), ["Killed"]);
     // Still Running (the Kill not taken effect yet), then Stopping: no step.
@@ -1234,14 +1233,35 @@ fn a_hard_restart_kills_waits_for_stopped_then_starts_once() {
     // Stopped: Start, which completes the restart.
     let input = input_at(&machine, instance(State::Stopped), at(3));
     let start = plan(&input);
-    assert_eq!(start.step, Some(Planned { step: Step::Start, cause: request() }));
+    assert_eq!(start.step, planned(Step::Start, Cause::Converge));
     assert!(warnings(&start.notes).is_empty(), "no drift: {:?}", start.notes);
     let done = record(&input, &start, start.step.as_ref().unwrap(), Outcome::Succeeded);
-    assert_eq!(done.status.last_restart_request.as_deref(), Some("r1"));
     assert_eq!(reasons(&done.notes), ["Restarted"]);
     let machine = feed(&machine, &done.status);
     for state in [State::Starting, State::Running] {
         assert_eq!(plan(&input_at(&machine, instance(state), at(5))).step, None, "restarted again in {state}");
+    }
+}
+
+#[test]
+fn a_restart_interrupted_before_its_result_was_recorded_is_not_repeated() {
+    for mode in [RestartMode::Soft, RestartMode::Hard] {
+        let machine = was(State::Running)(Machine::test().with_restart("r1", mode));
+        let input = input(&machine, instance(State::Running));
+        let plan = plan(&input);
+        let begun = begin(&plan, plan.step.as_ref().unwrap(), now());
+        assert_eq!(begun.restart_request_in_progress.as_deref(), Some("r1"), "{mode:?}: the intent, before the call");
+        // machinist stops here: the next reconcile finds only the intent.
+        let after_crash = feed(&machine, &begun);
+        let next = super::plan(&input_at(&after_crash, instance(State::Running), at(5)));
+        assert_eq!(next.step, None, "{mode:?}: restarted again");
+        assert_eq!(next.status.last_restart_request.as_deref(), Some("r1"), "{mode:?}: handled");
+        assert_eq!(next.status.restart_request_in_progress, None);
+        assert_eq!(warnings(&next.notes), ["RestartInterrupted"], "{mode:?}");
+        assert!(next.notes[0].message.contains("new value"), "{}", next.notes[0].message);
+        // A recorded restart leaves no intent behind.
+        let done = record(&input, &plan, plan.step.as_ref().unwrap(), Outcome::Succeeded);
+        assert_eq!(done.status.restart_request_in_progress, None, "{mode:?}");
     }
 }
 
@@ -1269,12 +1289,13 @@ fn hard_restart_whose_start_failed_starts_again_and_never_kills_again() {
         at(1),
         Outcome::Failed { operation: Operation::Start, error: transient() },
     );
-    assert_eq!(machine.status.as_ref().unwrap().last_restart_request, None, "not done yet");
     // Found stopped: started again after the backoff, not killed again.
     let early = plan(&input_at(&machine, instance(State::Stopped), at(1)));
     assert_eq!(early.step, None);
     let retry = plan(&input_at(&feed(&machine, &early.status), instance(State::Stopped), at(3)));
-    assert_eq!(retry.step, planned(Step::Start, Cause::RestartRequest("r1".into())));
+    assert_eq!(retry.step, planned(Step::Start, Cause::Converge));
+    // Started by someone else meanwhile: nothing more to do.
+    assert_eq!(plan(&input_at(&machine, instance(State::Running), at(400))).step, None);
 }
 
 #[test]
@@ -1882,8 +1903,6 @@ mod simulation {
         requests: u32,
         /// How often each restart request was carried out at the provider.
         performed: BTreeMap<String, u32>,
-        /// The restart request whose hard restart's Kill was made.
-        hard_killed: Option<String>,
         /// Requests whose step ran in a reconcile that crashed before recording.
         crashed: BTreeSet<String>,
         /// An out-of-band stop happened since the instance was last seen running.
@@ -1914,7 +1933,6 @@ mod simulation {
                 crash_next: setup.crash_on_create,
                 requests: 0,
                 performed: BTreeMap::new(),
-                hard_killed: None,
                 crashed: BTreeSet::new(),
                 stopped_out_of_band: false,
                 log: Vec::new(),
@@ -2041,11 +2059,7 @@ mod simulation {
                     }
                     Step::Start => {
                         self.call(Operation::Start)?;
-                        let completes_hard_restart =
-                            matches!(&planned.cause, Cause::RestartRequest(r) if self.hard_killed.as_ref() == Some(r));
-                        if !completes_hard_restart {
-                            self.performed(&planned.cause);
-                        }
+                        self.performed(&planned.cause);
                         self.set_state(State::Starting);
                     }
                     Step::Stop { .. } => {
@@ -2062,11 +2076,8 @@ mod simulation {
                     }
                     Step::Kill => {
                         self.call(Operation::Kill)?;
-                        // A hard restart is carried out at its Kill; its Start completes it.
+                        // A hard restart is carried out at its Kill.
                         self.performed(&planned.cause);
-                        if let Cause::RestartRequest(r) = &planned.cause {
-                            self.hard_killed = Some(r.clone());
-                        }
                         self.set_state(State::Stopped);
                     }
                     Step::Restart => {
@@ -2222,12 +2233,10 @@ mod simulation {
         assert!(r.plan.notes.is_empty(), "{:?}\n{}", r.plan.notes, sim.history());
         assert_eq!(sim.machine.status, before, "{}", sim.history());
 
-        // (d) Each restart request carried out at most once (except across a crash,
-        // where the outcome of the call was never recorded).
+        // (d) Each restart request carried out at most once, across crashes too (a call
+        // whose outcome was never recorded is not repeated).
         for (request, times) in &sim.performed {
-            if !sim.crashed.contains(request) {
-                assert!(*times <= 1, "restart request {request} performed {times} times\n{}", sim.history());
-            }
+            assert!(*times <= 1, "restart request {request} performed {times} times\n{}", sim.history());
         }
     }
 
