@@ -347,7 +347,11 @@ impl Env {
     pub async fn delete_and_wait(&self, name: &str) -> Result<()> {
         let Some(machine) = self.machines.get_opt(name).await? else { return Ok(()) };
         let uid = machine.uid().unwrap_or_default();
-        self.machines.delete(name, &DeleteParams::default()).await?;
+        match self.machines.delete(name, &DeleteParams::default()).await {
+            // Gone meanwhile (its deletion, already under way, finished): what we wait for.
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+            result => drop(result?),
+        }
         let gone = await_condition(self.machines.clone(), name, conditions::is_deleted(&uid));
         if tokio::time::timeout(Duration::from_secs(60), gone).await.is_err() {
             let left = self.machines.get_opt(name).await?;
