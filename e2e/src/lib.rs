@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -358,6 +359,24 @@ impl Env {
             bail!("machine/{name} was not deleted within 60s: {}", left.as_ref().map(describe).unwrap_or_default());
         }
         Ok(())
+    }
+
+    /// Creates a Secret in this test's namespace, of `type_` when given (for example
+    /// `kubernetes.io/ssh-auth`).
+    pub async fn create_secret<K: Into<String>>(
+        &self,
+        name: &str,
+        type_: Option<&str>,
+        data: impl IntoIterator<Item = (K, Vec<u8>)>,
+    ) -> Result<Secret> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+            type_: type_.map(str::to_string),
+            data: Some(data.into_iter().map(|(k, v)| (k.into(), ByteString(v))).collect()),
+            ..Default::default()
+        };
+        Ok(secrets.create(&PostParams::default(), &secret).await?)
     }
 
     /// Fails unless the Machine's resourceVersion stays the same for `window`: nothing

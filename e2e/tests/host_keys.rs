@@ -8,10 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::PostParams;
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 use machinist::api::{ACCEPT_HOST_KEY_ANNOTATION, ConditionType, Machine, Phase};
 use machinist_drivers::State;
 use machinist_e2e::{Env, condition, ensure_eq};
@@ -32,17 +29,8 @@ fn generic_machine(name: &str, sshd: &TestSshd) -> String {
 }
 
 async fn bootstrap_login(env: &Env, sshd: &TestSshd) -> Result<()> {
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta { name: Some("login".into()), ..Default::default() },
-        type_: Some("kubernetes.io/ssh-auth".into()),
-        data: Some(BTreeMap::from([(
-            "ssh-privatekey".to_string(),
-            ByteString(sshd.bootstrap_private_key().into_bytes()),
-        )])),
-        ..Default::default()
-    };
-    secrets.create(&PostParams::default(), &secret).await?;
+    let key = sshd.bootstrap_private_key().into_bytes();
+    env.create_secret("login", Some("kubernetes.io/ssh-auth"), [("ssh-privatekey", key)]).await?;
     Ok(())
 }
 

@@ -5,13 +5,11 @@
 //! Nothing is left at the provider: the fake one, a real sshd's authorized_keys (generic),
 //! or moto (amazonec2).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{DeleteParams, PostParams};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::DeleteParams;
 use kube::{Api, ResourceExt};
 use machinist_e2e::{Env, ensure_eq, fake_machine};
 use machinist_test_moto::Moto;
@@ -20,24 +18,12 @@ use machinist_test_sshd::TestSshd;
 mod common;
 use common::ec2::*;
 
-async fn secret(env: &Env, name: &str, data: BTreeMap<String, Vec<u8>>) -> Result<()> {
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
-        data: Some(data.into_iter().map(|(k, v)| (k, ByteString(v))).collect()),
-        ..Default::default()
-    };
-    secrets.create(&PostParams::default(), &secret).await?;
-    Ok(())
-}
-
 #[tokio::test]
 async fn a_namespace_holding_machines_is_deleted_by_itself_and_leaves_nothing() -> Result<()> {
     let sshd = TestSshd::start();
     let mut env = Env::new("nsdelete").await?;
-    secret(&env, "login", BTreeMap::from([("ssh-privatekey".into(), sshd.bootstrap_private_key().into_bytes())]))
-        .await?;
-    secret(&env, "token", BTreeMap::from([("token".into(), b"t0k3n".to_vec())])).await?;
+    env.create_secret("login", None, [("ssh-privatekey", sshd.bootstrap_private_key().into_bytes())]).await?;
+    env.create_secret("token", None, [("token", b"t0k3n".to_vec())]).await?;
     let generic = format!(
         "apiVersion: machinist.dev/v1alpha1\nkind: Machine\nmetadata:\n  name: host\nspec:\n  driver:\n    generic:\n      address: {}\n      port: {}\n      user: {}\n  credentialsSecretRef:\n    name: login\n",
         sshd.host(),

@@ -2,26 +2,18 @@
 //! the first driver call until no Machine in the namespace uses them, a deletion held
 //! and said, references changed and released, and a Secret that does not exist yet.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::DeleteParams;
 use kube::{Api, ResourceExt};
 use machinist::api::{ConditionType, Machine, SECRET_FINALIZER};
 use machinist_e2e::{Env, condition, ensure_eq, fake_machine};
 use serde_json::json;
 
 async fn create_secret(env: &Env, name: &str) -> Result<Secret> {
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
-        data: Some(BTreeMap::from([("token".to_string(), ByteString(b"s3cret".to_vec()))])),
-        ..Default::default()
-    };
-    Ok(secrets.create(&PostParams::default(), &secret).await?)
+    env.create_secret(name, None, [("token", b"s3cret".to_vec())]).await
 }
 
 fn secrets_api(env: &Env) -> Api<Secret> {

@@ -3,13 +3,11 @@
 //! installed on the host, SSHReady with the host key pinned, provisioning run once, a
 //! changed host key refused until accepted, and Remove taking out only its key.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Result;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 use machinist::api::ConditionType;
 use machinist_e2e::{Env, condition, ensure_eq};
@@ -26,17 +24,8 @@ fn generic_machine(name: &str, sshd: &TestSshd, script: &str) -> String {
 }
 
 async fn bootstrap_login(env: &Env, sshd: &TestSshd) -> Result<()> {
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta { name: Some("login".into()), ..Default::default() },
-        type_: Some("kubernetes.io/ssh-auth".into()),
-        data: Some(BTreeMap::from([(
-            "ssh-privatekey".to_string(),
-            ByteString(sshd.bootstrap_private_key().into_bytes()),
-        )])),
-        ..Default::default()
-    };
-    secrets.create(&PostParams::default(), &secret).await?;
+    let key = sshd.bootstrap_private_key().into_bytes();
+    env.create_secret("login", Some("kubernetes.io/ssh-auth"), [("ssh-privatekey", key)]).await?;
     Ok(())
 }
 
@@ -155,16 +144,8 @@ async fn wrong_bootstrap_credentials_are_reported() -> Result<()> {
     let env = Env::new("sshauth").await?;
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
     let stranger = machinist_drivers::ssh::generate_ed25519("stranger");
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta { name: Some("login".into()), ..Default::default() },
-        type_: Some("kubernetes.io/ssh-auth".into()),
-        data: Some(BTreeMap::from([(
-            "ssh-privatekey".to_string(),
-            ByteString(stranger.private_openssh.expose().as_bytes().to_vec()),
-        )])),
-        ..Default::default()
-    };
-    secrets.create(&PostParams::default(), &secret).await?;
+    let key = stranger.private_openssh.expose().as_bytes().to_vec();
+    env.create_secret("login", Some("kubernetes.io/ssh-auth"), [("ssh-privatekey", key)]).await?;
     env.create(&generic_machine("host", &sshd, "true")).await?;
     let m = env
         .wait_for("host", "failing to log in", Duration::from_secs(60), |m| {

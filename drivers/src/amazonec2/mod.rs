@@ -255,7 +255,7 @@ impl Ec2Driver {
                     }
                 }
             }
-            let ours = self.tagged_key_pairs_with_keys().await?;
+            let ours = self.tagged_key_pairs().await?;
             let Some((_, existing)) = ours.iter().find(|(n, _)| n == &name) else {
                 return Err(DriverError::transient(format!(
                     "an EC2 key pair named {name} exists without this Machine's {UID_TAG} tag; delete it"
@@ -357,25 +357,8 @@ impl Ec2Driver {
             .collect())
     }
 
-    /// `(id, name)` of the key pairs tagged with this Machine's UID.
-    async fn tagged_key_pairs(&self) -> Result<Vec<(String, String)>, DriverError> {
-        let out = self
-            .ec2()
-            .await
-            .describe_key_pairs()
-            .filters(self.uid_filter())
-            .send()
-            .await
-            .map_err(|e| self.error(AwsError::from_sdk("DescribeKeyPairs", e)))?;
-        Ok(out
-            .key_pairs()
-            .iter()
-            .filter_map(|k| Some((k.key_pair_id()?.to_string(), k.key_name().unwrap_or_default().to_string())))
-            .collect())
-    }
-
     /// `(name, public key)` of the key pairs tagged with this Machine's UID.
-    async fn tagged_key_pairs_with_keys(&self) -> Result<Vec<(String, Option<String>)>, DriverError> {
+    async fn tagged_key_pairs(&self) -> Result<Vec<(String, Option<String>)>, DriverError> {
         let out = self
             .ec2()
             .await
@@ -394,7 +377,7 @@ impl Ec2Driver {
 
     async fn delete_key_pairs(&self) -> Result<(), DriverError> {
         // By name: unique in a region, and understood by every EC2-compatible API.
-        for (_, name) in self.tagged_key_pairs().await? {
+        for (name, _) in self.tagged_key_pairs().await? {
             match self.ec2().await.delete_key_pair().key_name(&name).send().await {
                 Ok(_) => info!(key_pair = name, "ec2: deleted the key pair"),
                 Err(e) => {

@@ -6,10 +6,6 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
-use kube::api::PostParams;
 use machinist_drivers::Credentials;
 use machinist_drivers::amazonec2::{CredentialSource, Ec2Connector, UID_TAG};
 use machinist_e2e::{Env, ensure_eq};
@@ -71,14 +67,7 @@ pub fn credentials() -> BTreeMap<String, Vec<u8>> {
 }
 
 pub async fn aws_secret(env: &Env) -> Result<()> {
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
-    let data = credentials().into_iter().map(|(k, v)| (k, ByteString(v))).collect();
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta { name: Some("aws".into()), ..Default::default() },
-        data: Some(data),
-        ..Default::default()
-    };
-    secrets.create(&PostParams::default(), &secret).await?;
+    env.create_secret("aws", None, credentials()).await?;
     Ok(())
 }
 
