@@ -89,7 +89,9 @@ CASES: dict[str, dict[str, Any]] = {
         "concurrency": 0,
         "pollIntervalSeconds": 30,
         "driverTimeoutSeconds": 120,
-        "leaderElection": {"leaseName": "machinist-prod", "leaseDurationSeconds": 30},
+        "apiTimeoutSeconds": 20,
+        "leaderElection": {"leaseName": "machinist-prod", "leaseDurationSeconds": 30, "renewDeadlineSeconds": 20,
+                           "retryPeriodSeconds": 4},
         "metrics": {"port": 9090, "service": {"port": 80, "type": "NodePort"}},
     },
 }
@@ -408,11 +410,14 @@ def test_default_args_and_env(chart: helm.Chart) -> None:
         "--metrics-address=0.0.0.0:8080",
         "--poll-interval=60",
         "--driver-timeout=600",
+        "--api-timeout=30",
         "--shutdown-timeout=55",
         "--leader-elect",
         f"--leader-election-namespace={NAMESPACE}",
         "--leader-election-lease=machinist",
         "--leader-election-lease-duration=15",
+        "--leader-election-renew-deadline=10",
+        "--leader-election-retry-period=2",
     ]
     variables = env(objects)
     assert variables["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
@@ -428,6 +433,7 @@ def test_tuning_values_reach_the_args(chart: helm.Chart) -> None:
     a = args(objects)
     for expected in ("--log-format=text", "--concurrency=0", "--poll-interval=30", "--driver-timeout=120",
                      "--leader-election-lease=machinist-prod", "--leader-election-lease-duration=30",
+                     "--leader-election-renew-deadline=20", "--leader-election-retry-period=4", "--api-timeout=20",
                      "--metrics-address=0.0.0.0:9090"):
         assert expected in a
     assert env(objects)["RUST_LOG"]["value"] == "info,kube=warn"
@@ -453,6 +459,18 @@ def test_leader_election_args(chart: helm.Chart) -> None:
     deployment = one(objects, "Deployment")
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+@pytest.mark.parametrize("timings", [
+    {"renewDeadlineSeconds": 15},  # as long as the lease: two leaders at once
+    {"leaseDurationSeconds": 8},  # shorter than the default renew deadline
+    {"retryPeriodSeconds": 10},  # no renewal before the deadline
+])
+def test_leader_election_timings_that_allow_two_leaders_fail_the_render(chart: helm.Chart, timings: dict[str, int]) -> None:
+    with pytest.raises(Exception, match="leaderElection"):
+        render_files(chart, {"leaderElection": timings})
+    assert not [a for a in args(render(chart, {"leaderElection": {**timings, "enabled": False}, "replicaCount": 1}))
+                if a.startswith("--leader-election")]
 
 
 def test_namespace_arg(chart: helm.Chart) -> None:
@@ -594,6 +612,9 @@ FLAG_ENV = {
     "--leader-election-namespace": "MACHINIST_LEADER_ELECTION_NAMESPACE",
     "--leader-election-lease": "MACHINIST_LEADER_ELECTION_LEASE",
     "--leader-election-lease-duration": "MACHINIST_LEADER_ELECTION_LEASE_DURATION",
+    "--leader-election-renew-deadline": "MACHINIST_LEADER_ELECTION_RENEW_DEADLINE",
+    "--leader-election-retry-period": "MACHINIST_LEADER_ELECTION_RETRY_PERIOD",
+    "--api-timeout": "MACHINIST_API_TIMEOUT",
 }
 
 

@@ -186,6 +186,7 @@ pub fn input_at(machine: &Machine, observed: Observed, now: Timestamp) -> Input<
         ssh_key_secret: None,
         secrets: None,
         first_contact_host_key: None,
+        power_changed_since_intent: None,
         now,
         jitter: JITTER,
         settings: &SETTINGS,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
-use machinist::leader::LeaderElectionConfig;
+use machinist::leader::{LeaderElectionConfig, LeaseTimings};
 use machinist::reconcile::Settings;
 use machinist::run::{RunConfig, run};
 
@@ -66,9 +66,19 @@ struct RunArgs {
     /// The name of the leader-election Lease.
     #[arg(long, env = "MACHINIST_LEADER_ELECTION_LEASE", default_value = "machinist")]
     leader_election_lease: String,
-    /// Seconds a leader's Lease holds without renewal; a standby takes over after that.
+    /// Seconds a standby waits, by its own clock, after it last saw the Lease renewed.
     #[arg(long, env = "MACHINIST_LEADER_ELECTION_LEASE_DURATION", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..))]
     leader_election_lease_duration: u64,
+    /// Seconds the leader goes on after its last successful renewal; then it stops every
+    /// driver call and exits. Below the lease duration.
+    #[arg(long, env = "MACHINIST_LEADER_ELECTION_RENEW_DEADLINE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    leader_election_renew_deadline: u64,
+    /// Seconds between renewals (and between a standby's looks).
+    #[arg(long, env = "MACHINIST_LEADER_ELECTION_RETRY_PERIOD", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    leader_election_retry_period: u64,
+    /// Seconds any single Kubernetes API request may wait for its response.
+    #[arg(long, env = "MACHINIST_API_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    api_timeout: u64,
     /// Seconds the longest driver call may take before it counts as failed.
     #[arg(long, env = "MACHINIST_DRIVER_TIMEOUT", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     driver_timeout: u64,
@@ -122,6 +132,18 @@ fn main() -> ExitCode {
 async fn run_controller(args: Box<RunArgs>) -> anyhow::Result<()> {
     let client = client(&args).await?;
     let pod = std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok());
+    let timings = LeaseTimings {
+        lease_duration: Duration::from_secs(args.leader_election_lease_duration),
+        renew_deadline: Duration::from_secs(args.leader_election_renew_deadline),
+        retry_period: Duration::from_secs(args.leader_election_retry_period),
+    };
+    if args.leader_elect {
+        timings.validate().map_err(|e| {
+            anyhow::anyhow!(
+                "{e}; set --leader-election-lease-duration, --leader-election-renew-deadline and --leader-election-retry-period accordingly"
+            )
+        })?;
+    }
     let leader_election = args.leader_elect.then(|| LeaderElectionConfig {
         namespace: args
             .leader_election_namespace
@@ -131,7 +153,7 @@ async fn run_controller(args: Box<RunArgs>) -> anyhow::Result<()> {
         lease_name: args.leader_election_lease.clone(),
         // Unique per process, so a restarted pod never mistakes the old lease for its own.
         identity: format!("{}_{:08x}", pod.as_deref().unwrap_or("machinist"), rand::random::<u32>()),
-        lease_duration: Duration::from_secs(args.leader_election_lease_duration),
+        timings,
     });
     let config = RunConfig {
         namespace: args.namespace,
@@ -143,6 +165,7 @@ async fn run_controller(args: Box<RunArgs>) -> anyhow::Result<()> {
         instance: pod,
         leader_election,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        api_timeout: Duration::from_secs(args.api_timeout),
         ..RunConfig::default()
     };
     run(client, config, shutdown_signal()).await?;

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::Machine;
 use crate::k8s::{self, Context, CrdError};
-use crate::leader::{LeaderElectionConfig, LeaderElector};
+use crate::leader::{Fence, LeaderElectionConfig, LeaderElector};
 use crate::metrics::{self, Metrics, ReasonLabels};
 use crate::reconcile::Settings;
 
@@ -45,6 +45,11 @@ pub struct RunConfig {
     /// they are cut short (the next start finds out by observation what they did). Keep it
     /// below the pod's `terminationGracePeriodSeconds`, so the process exits on its own.
     pub shutdown_timeout: Duration,
+    /// How long any single Kubernetes API request may wait for its response.
+    pub api_timeout: Duration,
+    /// Record each fake-driver call, with `instance` as its caller, in the fake state
+    /// directory's `calls.jsonl` (tests: which replica acted when).
+    pub fake_call_journal: bool,
 }
 
 impl Default for RunConfig {
@@ -60,6 +65,8 @@ impl Default for RunConfig {
             instance: None,
             leader_election: None,
             shutdown_timeout: Duration::from_secs(25),
+            api_timeout: Duration::from_secs(30),
+            fake_call_journal: false,
         }
     }
 }
@@ -88,7 +95,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), RunError> {
     let shutdown = shutdown.shared();
-    k8s::wait_for_crd(client.clone(), config.namespace.as_deref(), config.crd_wait).await?;
+    let client = k8s::with_request_timeout(client, config.api_timeout);
+    // A stop asked for while the API server is slow to answer ends the wait at once.
+    tokio::select! {
+        waited = k8s::wait_for_crd(client.clone(), config.namespace.as_deref(), config.crd_wait) => waited?,
+        () = shutdown.clone() => return Ok(()),
+    }
     std::fs::create_dir_all(&config.fake_state_dir)
         .map_err(|error| RunError::FakeStateDir { dir: config.fake_state_dir.display().to_string(), error })?;
 
@@ -120,15 +132,22 @@ pub async fn run(
         .watches(secrets, watcher::Config::default().any_semantic(), move |secret| machines_using(&users, &secret))
         .with_config(controller::Config::default().concurrency(config.concurrency))
         .graceful_shutdown_on(shutdown.clone());
+    // With leader election, nothing acts on an instance until the Lease is held, nor
+    // after the renew deadline of the last renewal.
+    let fence = if config.leader_election.is_some() { Fence::closed() } else { Fence::unfenced() };
     let ctx = Arc::new(Context {
         client: client.clone(),
-        drivers: Drivers::new(&config.fake_state_dir),
+        drivers: match (&config.instance, config.fake_call_journal) {
+            (Some(instance), true) => Drivers::new(&config.fake_state_dir).with_fake_call_journal(instance),
+            _ => Drivers::new(&config.fake_state_dir),
+        },
         events: k8s::EventPublisher::new(client.clone(), "machinist", config.instance.clone()),
         settings: config.settings.clone(),
         driver_call_timeout: config.driver_call_timeout,
         metrics: metrics.clone(),
         written: Default::default(),
         api_failures: Default::default(),
+        fence: fence.clone(),
     });
     background.0.push(tokio::spawn(count_phases(store.clone(), metrics.clone())));
     background.0.push(tokio::spawn(sweep_secrets(client.clone(), config.namespace.clone())));
@@ -164,7 +183,7 @@ pub async fn run(
         info!("machinist controller stopped");
         return Ok(());
     };
-    let elector = LeaderElector::new(client, election);
+    let elector = LeaderElector::new(client, election, fence);
     // A standby is healthy and ready to take over; a leader is ready once its cache is.
     let synced = ready.load(Ordering::Relaxed);
     ready.store(true, Ordering::Relaxed);

@@ -319,6 +319,7 @@ impl Harness {
             metrics: Arc::new(Metrics::default()),
             written: Default::default(),
             api_failures: Default::default(),
+            fence: Default::default(),
         });
         Harness { server, ctx, _dir: dir }
     }

@@ -253,6 +253,16 @@ pub trait Driver: Send + Sync {
 
     async fn restart(&self, id: &str) -> Result<(), DriverError>;
 
+    /// Whether the provider accepted a power change of the instance (a restart, stop, kill
+    /// or start) at or after `since`: `Some(true)` it did, `Some(false)` it certainly did
+    /// not, `None` it cannot tell (the default). machinist asks only after a restart
+    /// whose call may have been made but whose result was never recorded (a crash between
+    /// the call and the status write): a driver that can tell makes that restart exactly
+    /// once; for the others it is at most once.
+    async fn power_changed_since(&self, _id: &str, _since: jiff::Timestamp) -> Result<Option<bool>, DriverError> {
+        Ok(None)
+    }
+
     /// GetState. A missing instance is `Ok(State::NotFound)`.
     async fn status(&self, id: &str) -> Result<State, DriverError>;
 

@@ -94,6 +94,13 @@ impl Drivers {
         Drivers { fake: FakeStore::new(fake_state_dir), ec2: Ec2Connector::new() }
     }
 
+    /// Journals every fake driver call as made by `caller` (see
+    /// [`FakeStore::with_call_journal`]).
+    pub fn with_fake_call_journal(mut self, caller: impl Into<String>) -> Self {
+        self.fake = self.fake.with_call_journal(caller);
+        self
+    }
+
     pub fn fake_store(&self) -> &FakeStore {
         &self.fake
     }

@@ -6,6 +6,8 @@
 //! namespace, with its own fake-driver state directory, so tests run in parallel on
 //! either backend.
 
+pub mod tcp_proxy;
+
 use std::fmt::Debug;
 use std::time::Duration;
 
@@ -74,17 +76,21 @@ fn shared_backend() -> Result<&'static Backend> {
     Ok(BACKEND.get_or_init(|| backend))
 }
 
-/// A client for this test (clients belong to the runtime that made them), with the
-/// Machine CRD installed and Established.
-pub async fn client() -> Result<(Client, &'static Backend)> {
-    let backend = shared_backend()?;
-    let config = match backend {
+/// How to reach the backend's API server.
+async fn backend_config(backend: &Backend) -> Result<Config> {
+    Ok(match backend {
         Backend::Cluster(kubeconfig) => {
             Config::from_custom_kubeconfig(kubeconfig.as_ref().clone(), &Default::default()).await?
         }
         Backend::TestServer(server) => Config::new(server.url().parse()?),
-    };
-    let client = Client::try_from(config)?;
+    })
+}
+
+/// A client for this test (clients belong to the runtime that made them), with the
+/// Machine CRD installed and Established.
+pub async fn client() -> Result<(Client, &'static Backend)> {
+    let backend = shared_backend()?;
+    let client = Client::try_from(backend_config(backend).await?)?;
     CRD_INSTALLED.get_or_try_init(|| install_crd(&client)).await?;
     Ok((client, backend))
 }
@@ -229,10 +235,33 @@ impl Env {
         }
     }
 
+    /// The API server's URL.
+    pub async fn api_url(&self) -> Result<http::Uri> {
+        Ok(backend_config(self.backend).await?.cluster_url)
+    }
+
+    /// A client whose traffic goes through `proxy`, which forwards to [`Env::api_url`].
+    /// TLS still checks the API server's own name.
+    pub async fn client_through(&self, proxy: &tcp_proxy::TcpProxy) -> Result<Client> {
+        let mut config = backend_config(self.backend).await?;
+        let host = config.cluster_url.host().unwrap_or_default().to_string();
+        let mut parts = config.cluster_url.clone().into_parts();
+        parts.authority = Some(proxy.address().to_string().parse()?);
+        config.cluster_url = http::Uri::from_parts(parts)?;
+        if config.tls_server_name.is_none() {
+            config.tls_server_name = Some(host);
+        }
+        Ok(Client::try_from(config)?)
+    }
+
     /// Runs a controller with `config` (the same `run` as `machinist run`).
     pub fn spawn_controller(&self, config: RunConfig) -> ControllerHandle {
+        self.spawn_controller_with(self.client.clone(), config)
+    }
+
+    /// Runs a controller that reaches the API server through `client`.
+    pub fn spawn_controller_with(&self, client: Client, config: RunConfig) -> ControllerHandle {
         let (stop, stopped) = oneshot::channel::<()>();
-        let client = self.client.clone();
         let task = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stopped.await;

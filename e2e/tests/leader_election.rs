@@ -3,14 +3,15 @@
 
 use std::time::Duration;
 
-use anyhow::{Result, bail};
-use jiff::Timestamp;
+use anyhow::{Context as _, Result, bail};
+use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::Api;
 use kube::api::PostParams;
-use machinist::leader::LeaderElectionConfig;
+use machinist::leader::{LeaderElectionConfig, LeaseTimings};
 use machinist::run::{RunConfig, RunError};
+use machinist_e2e::tcp_proxy::TcpProxy;
 use machinist_e2e::{Env, ensure_eq, fake_machine};
 
 const LEASE: &str = "machinist-e2e";
@@ -22,7 +23,7 @@ fn replica(env: &Env, identity: &str) -> RunConfig {
             namespace: env.namespace.clone(),
             lease_name: LEASE.into(),
             identity: identity.into(),
-            lease_duration: Duration::from_secs(3),
+            timings: LeaseTimings::for_lease_duration(Duration::from_secs(3)),
         }),
         ..env.run_config()
     }
@@ -107,6 +108,71 @@ async fn a_leader_that_loses_its_lease_stops_reconciling_at_once() -> Result<()>
     ensure_eq(env.get("orphaned").await?.metadata.finalizers, None, "finalizers")?;
     ensure_eq(env.instances(&m).len(), 0, "instances")?;
     leases.delete(LEASE, &Default::default()).await?;
+    let mut env = env;
+    env.start_controller();
+    env.cleanup().await
+}
+
+/// A leader cut off from the API server (its requests hang; nothing is refused) stops
+/// every driver call by its renew deadline, and the standby makes its first only after
+/// that: the fake driver's journal of who called when shows no overlap.
+#[tokio::test]
+async fn a_partitioned_leader_stops_acting_before_the_standby_starts() -> Result<()> {
+    let env = Env::idle("partition").await?;
+    let proxy = TcpProxy::start_for(env.api_url().await?).await?;
+    let partitioned = env.client_through(&proxy).await?;
+    let journaled = |identity: &str| RunConfig { fake_call_journal: true, ..replica(&env, identity) };
+    let a = env.spawn_controller_with(partitioned, journaled("replica-a"));
+    wait_holder(&env, "replica-a", Duration::from_secs(10)).await?;
+    let b = env.spawn_controller(journaled("replica-b"));
+    // Status calls that take a while, polled every second: the leader is mid-call at any
+    // moment, as a busy controller is.
+    for i in 0..6 {
+        env.create(&fake_machine(&format!("m{i}"), r#"{"latencyMillis": {"status": 300}}"#, "")).await?;
+    }
+    for i in 0..6 {
+        env.wait_ready(&format!("m{i}")).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let cut = Timestamp::now();
+    proxy.blackhole();
+    let ended =
+        tokio::time::timeout(Duration::from_secs(15), a.task).await.context("the cut-off leader did not stop")?;
+    match ended? {
+        Err(RunError::LostLeadership(reason)) => assert!(reason.contains("renew deadline"), "{reason}"),
+        other => bail!("the cut-off leader should stop with LostLeadership, not {other:?}"),
+    }
+    wait_holder(&env, "replica-b", Duration::from_secs(15)).await?;
+    // The new leader acts: a new Machine becomes Ready, and the old ones are polled.
+    env.create(&fake_machine("after", "{}", "")).await?;
+    env.wait_ready("after").await?;
+
+    let calls = env.fake_store().call_journal();
+    let by = |who: &str| calls.iter().filter(|c| c.caller == who).collect::<Vec<_>>();
+    let (old, new) = (by("replica-a"), by("replica-b"));
+    assert!(!old.is_empty() && !new.is_empty(), "both replicas made calls: {} and {}", old.len(), new.len());
+    let renew_deadline = replica(&env, "x").leader_election.unwrap().timings.renew_deadline;
+    let fenced_by = cut + SignedDuration::try_from(renew_deadline)? + SignedDuration::from_millis(500);
+    let last_old = old.iter().map(|c| c.ended).max().unwrap();
+    assert!(
+        last_old <= fenced_by,
+        "the old leader's last call ended at {last_old}, after its renew deadline ({renew_deadline:?} from the cut at {cut})"
+    );
+    let first_new = new.iter().map(|c| c.started).min().unwrap();
+    assert!(
+        first_new > last_old,
+        "the new leader called at {first_new}, before the old one's last call ended at {last_old}"
+    );
+    let cut_short = old.iter().filter(|c| !c.completed).count();
+    tracing::info!(
+        old = old.len(),
+        cut_short,
+        gap_ms = (first_new - last_old).total(jiff::Unit::Millisecond)?,
+        "calls around the partition"
+    );
+
+    b.stop().await?;
     let mut env = env;
     env.start_controller();
     env.cleanup().await

@@ -240,3 +240,46 @@ async fn health_readiness_and_metrics_are_served() -> Result<()> {
     );
     env.cleanup().await
 }
+
+/// The controller dies while the provider carries out a restart, before its result is
+/// recorded. The fake provider tells when the instance's power last changed, so the next
+/// controller knows the restart happened: it is recorded, not repeated, and not warned
+/// about (exactly once).
+#[tokio::test]
+async fn a_restart_interrupted_by_a_crash_is_made_exactly_once() -> Result<()> {
+    let mut env = Env::new("restartcrash").await?;
+    for (name, mode, operation) in [("soft", "Soft", Operation::Restart), ("hard", "Hard", Operation::Kill)] {
+        let fake = r#"{"latencyMillis": {"restart": 3000, "kill": 3000}}"#;
+        let machine = env.create(&fake_machine(name, fake, &format!("  restartMode: {mode}\n"))).await?;
+        env.wait_ready(name).await?;
+        env.patch(name, json!({"spec": {"restartRequest": "r1"}})).await?;
+        env.wait_for(name, "restarting (r1)", Duration::from_secs(30), |m| {
+            m.status.as_ref().is_some_and(|s| s.restart_request_in_progress.as_deref() == Some("r1"))
+        })
+        .await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while calls(&env, &machine, operation) == 0 {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "{mode}: the {operation} call never came");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Mid-call: the provider has accepted it; nothing is recorded yet.
+        env.abort_controller();
+        env.start_controller();
+        env.wait_for(name, "r1 handled", Duration::from_secs(30), |m| {
+            m.status.as_ref().is_some_and(|s| s.last_restart_request.as_deref() == Some("r1"))
+        })
+        .await?;
+        env.wait_ready(name).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        ensure_eq(calls(&env, &machine, operation), 1, &format!("{mode}: {operation} calls for r1"))?;
+        let reasons: Vec<String> = env.events(name).await?.into_iter().filter_map(|e| e.reason).collect();
+        anyhow::ensure!(
+            !reasons.iter().any(|r| r == "RestartInterrupted"),
+            "{mode}: warned as if unknown: {reasons:?}"
+        );
+        let restarted = env.wait_event(name, "Restarted").await?;
+        let note = restarted.note.unwrap_or_default();
+        anyhow::ensure!(note.contains("happened and is not repeated"), "{mode}: {note}");
+    }
+    env.cleanup().await
+}

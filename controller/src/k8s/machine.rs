@@ -33,6 +33,8 @@ pub struct Context {
     pub written: super::status::WrittenStatuses,
     /// Consecutive Kubernetes API failures per Machine (by uid), for their backoff.
     pub api_failures: ApiFailures,
+    /// Closed while this replica may not act (a leader past its renew deadline).
+    pub fence: crate::leader::Fence,
 }
 
 /// Consecutive reconciles of a Machine that failed on the Kubernetes API, so they back
@@ -222,6 +224,17 @@ async fn consume_accept_annotation(api: &Api<Machine>, machine: &Machine, status
 async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<Action, Error> {
     let (driver, mut observed, mut secrets) =
         if machine.is_paused() { (None, Observed::NoInstance, None) } else { observe(machine, ctx).await? };
+    // A restart whose result was never recorded: did it happen? (Exactly once where the
+    // driver can tell.)
+    let mut power_changed_since_intent = None;
+    if let (Some(since), Some(d), Observed::Instance { id, .. }) =
+        (reconcile::restart_intent_since(machine), driver.as_ref(), &observed)
+    {
+        match call(ctx, d.as_ref(), Operation::Status, d.power_changed_since(id, since)).await {
+            Ok(answer) => power_changed_since_intent = answer,
+            Err(error) => observed = Observed::Failed(error),
+        }
+    }
     let offers_ssh = driver.as_ref().is_some_and(|d| d.offers_ssh());
     // The Machine's SSH key exists before anything is created with it.
     let mut key = None;
@@ -249,6 +262,7 @@ async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<A
         ssh_key_secret: key.as_ref().map(|k| k.secret_name.clone()),
         secrets: secrets.clone(),
         first_contact_host_key: driver.as_ref().and_then(|d| d.first_contact_host_key()),
+        power_changed_since_intent,
         now: now(),
         jitter: rand::random(),
         settings: &ctx.settings,
@@ -319,6 +333,7 @@ async fn cleanup(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result
         ssh_key_secret: None,
         secrets,
         first_contact_host_key: None,
+        power_changed_since_intent: None,
         now: now(),
         jitter: rand::random(),
         settings: &ctx.settings,
@@ -486,12 +501,13 @@ async fn call<T>(
     fut: impl Future<Output = Result<T, DriverError>>,
 ) -> Result<T, DriverError> {
     let started = std::time::Instant::now();
-    let result = match tokio::time::timeout(ctx.driver_call_timeout, fut).await {
-        Ok(result) => result,
-        Err(_) => Err(DriverError::transient(format!(
+    let result = match ctx.fence.guard(tokio::time::timeout(ctx.driver_call_timeout, fut)).await {
+        Some(Ok(result)) => result,
+        Some(Err(_)) => Err(DriverError::transient(format!(
             "the driver did not answer within {}s",
             ctx.driver_call_timeout.as_secs()
         ))),
+        None => Err(not_leading()),
     };
     let label = match &result {
         Ok(_) => "Succeeded",
@@ -499,6 +515,11 @@ async fn call<T>(
     };
     ctx.metrics.observe_driver_call(driver.name(), operation.as_str(), label, started.elapsed());
     result
+}
+
+/// What a call that the fence stopped says (the process is about to exit).
+fn not_leading() -> DriverError {
+    DriverError::transient("not called: this replica is no longer the leader")
 }
 
 async fn perform(
@@ -543,10 +564,16 @@ async fn perform(
                     presented_host_key: None,
                 });
             };
-            match planned.step {
-                Step::CheckSsh => super::ssh::check(driver, id, machine, key).await,
-                _ => super::ssh::provision(driver, id, machine, key).await,
-            }
+            let work = async {
+                match planned.step {
+                    Step::CheckSsh => super::ssh::check(driver, id, machine, key).await,
+                    _ => super::ssh::provision(driver, id, machine, key).await,
+                }
+            };
+            ctx.fence
+                .guard(work)
+                .await
+                .unwrap_or_else(|| Outcome::Failed { operation: Operation::Status, error: not_leading() })
         }
     }
 }

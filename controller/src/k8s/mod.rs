@@ -1,6 +1,7 @@
 //! The Kubernetes side: watching Machines, the finalizer, status writes, Events, and
 //! driver calls performed as the pure decision (`crate::reconcile`) says.
 
+mod client;
 mod crd;
 mod events;
 mod finalizer;
@@ -9,6 +10,7 @@ mod secrets;
 mod ssh;
 mod status;
 
+pub use client::with_request_timeout;
 pub use crd::{CrdError, wait_for_crd};
 pub use events::{EventNote, EventPublisher};
 pub use machine::{Context, Error, error_policy, reconcile};

@@ -186,20 +186,40 @@ fn plan_instance(
 
     let mut restart =
         spec.restart_request.as_ref().filter(|r| before.last_restart_request.as_ref() != Some(*r)).cloned();
-    // A restart begun for this very request whose result never reached the status: it
-    // may or may not have happened. Never repeated: handled, and said.
-    if let Some(request) = restart.clone().filter(|r| before.restart_request_in_progress.as_ref() == Some(r)) {
-        notes.push(Note::warning(
-            "RestartInterrupted",
-            "Restart",
-            format!(
-                "the restart for spec.restartRequest {request:?} was interrupted before its result was recorded \
-                 (machinist stopped, or could not write the status); it may not have happened, and is not \
-                 repeated. Set spec.restartRequest to a new value to restart again"
-            ),
-        ));
-        c.status.last_restart_request = Some(request);
-        restart = None;
+    // A restart begun for this very request whose result never reached the status. Where
+    // the driver can tell, it is done exactly once; else it may or may not have happened,
+    // and is never repeated: handled, and said.
+    let interrupted = restart_intent_since(machine).and(restart.clone());
+    match (interrupted.clone(), input.power_changed_since_intent) {
+        (Some(_), Some(false)) => {
+            // Nothing happened since the intent: the call was never made. Made now.
+        }
+        (Some(request), Some(true)) => {
+            notes.push(Note::normal(
+                "Restarted",
+                "Restart",
+                format!(
+                    "the restart for spec.restartRequest {request:?} was interrupted before its result was recorded; \
+                     the provider shows the instance's power changed since, so it happened and is not repeated"
+                ),
+            ));
+            c.status.last_restart_request = Some(request);
+            restart = None;
+        }
+        (Some(request), None) => {
+            notes.push(Note::warning(
+                "RestartInterrupted",
+                "Restart",
+                format!(
+                    "the restart for spec.restartRequest {request:?} was interrupted before its result was recorded \
+                     (machinist stopped, or could not write the status); the {driver_name} driver cannot tell whether \
+                     it happened, and it is not repeated. Set spec.restartRequest to a new value to restart again"
+                ),
+            ));
+            c.status.last_restart_request = Some(request);
+            restart = None;
+        }
+        (None, _) => {}
     }
     // Only `begin` records an intent, for the call it shows; any other is done with.
     c.status.restart_request_in_progress = None;
@@ -220,8 +240,11 @@ fn plan_instance(
     // So is the Kill of a hard restart, until Stopped is observed; one seen up again past
     // stopTimeoutSeconds was killed and runs again (started by someone else): nothing
     // more to do, and never a second Kill.
+    // (An operation begun whose call the driver shows was never made is not pending.)
+    let never_made = interrupted.is_some() && input.power_changed_since_intent == Some(false);
     let own_stop = |phase: Phase, operations: &[Operation]| {
         before.phase == Some(phase)
+            && !never_made
             && last_op.is_some_and(|op| operations.contains(&op.operation) && op.result != OperationResult::Failed)
     };
     let killed_long_ago = last_op.is_some_and(|op| duration_between(op.time.0, input.now) >= spec.stop_timeout());
@@ -454,6 +477,22 @@ fn pin_first_contact(status: &mut MachineStatus, notes: &mut Vec<Note>, input: &
             format!("pinned the host key {fingerprint} seen at the driver's first SSH contact"),
         ));
     }
+}
+
+/// When the intent of a restart that may have been called but was never recorded was
+/// written: `status.restartRequestInProgress` names the current `spec.restartRequest`,
+/// which is not handled yet. The Kubernetes layer then asks the driver whether the
+/// instance's power changed since ([`Input::power_changed_since_intent`]).
+pub fn restart_intent_since(machine: &crate::api::Machine) -> Option<jiff::Timestamp> {
+    let status = machine.status.as_ref()?;
+    let request = machine.spec.restart_request.as_ref()?;
+    let intent = status.restart_request_in_progress.as_ref().filter(|r| *r == request)?;
+    if status.last_restart_request.as_ref() == Some(intent) {
+        return None;
+    }
+    // `begin` wrote the intent with the InProgress operation it shows, and its time.
+    let op = status.last_operation.as_ref()?;
+    Some(op.time.0)
 }
 
 fn skip_restart(status: &mut MachineStatus, notes: &mut Vec<Note>, request: String) {

@@ -13,7 +13,7 @@ mod summary;
 mod tests;
 
 pub use backoff::{Settings, backoff_delay};
-pub use decide::{OUTPUT_LINES, OUTPUT_MAX_BYTES, begin, output_tail, plan, record};
+pub use decide::{OUTPUT_LINES, OUTPUT_MAX_BYTES, begin, output_tail, plan, record, restart_intent_since};
 pub use delete::{plan_cleanup, record_cleanup};
 pub use host_key::{HOST_KEY_MISMATCH, HostKeyTrust, accept_annotation_consumed, pinned, trusted_host_keys};
 pub use summary::{instance_recorded, whole_seconds};
@@ -54,6 +54,10 @@ pub struct Input<'a> {
     /// The host key the driver's own SSH logins trusted at first contact, to pin
     /// ([`Driver::first_contact_host_key`](machinist_drivers::Driver::first_contact_host_key)).
     pub first_contact_host_key: Option<String>,
+    /// For a restart begun but never recorded ([`restart_intent_since`]): whether the
+    /// driver saw the instance's power change since its intent was written (`None`: it
+    /// cannot tell, or nothing was asked).
+    pub power_changed_since_intent: Option<bool>,
     pub now: Timestamp,
     /// A random number in [0, 1) for jitter; fixed in tests.
     pub jitter: f64,

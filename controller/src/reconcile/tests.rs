@@ -1266,6 +1266,35 @@ fn a_restart_interrupted_before_its_result_was_recorded_is_not_repeated() {
 }
 
 #[test]
+fn an_interrupted_restart_is_exactly_once_where_the_driver_can_tell() {
+    for mode in [RestartMode::Soft, RestartMode::Hard] {
+        let machine = was(State::Running)(Machine::test().with_restart("r1", mode));
+        let first = plan(&input(&machine, instance(State::Running)));
+        let planned = first.step.clone().unwrap();
+        let after_crash = feed(&machine, &begin(&first, &planned, now()));
+        assert_eq!(restart_intent_since(&after_crash), Some(now()), "{mode:?}: asked about the time of the intent");
+        let asked = |changed| Input {
+            power_changed_since_intent: Some(changed),
+            ..input_at(&after_crash, instance(State::Running), at(5))
+        };
+
+        // The power never changed: the call was never made. Made now, once.
+        let resumed = plan(&asked(false));
+        assert_eq!(resumed.step, Some(planned.clone()), "{mode:?}: the restart is made");
+        assert!(warnings(&resumed.notes).is_empty(), "{mode:?}: {:?}", resumed.notes);
+
+        // It changed: the restart happened. Recorded, not repeated, no warning.
+        let happened = plan(&asked(true));
+        assert_eq!(happened.step, None, "{mode:?}: restarted again");
+        assert_eq!(happened.status.last_restart_request.as_deref(), Some("r1"));
+        assert!(reasons(&happened.notes).contains(&"Restarted"), "{mode:?}: {:?}", happened.notes);
+        assert!(warnings(&happened.notes).is_empty());
+        let next = feed(&after_crash, &happened.status);
+        assert_eq!(restart_intent_since(&next), None, "{mode:?}: nothing left to ask");
+    }
+}
+
+#[test]
 fn hard_restart_whose_kill_failed_is_not_echoed() {
     let machine = was(State::Running)(Machine::test().with_restart("r1", RestartMode::Hard));
     let (machine, _) = step_and_record(
@@ -1819,6 +1848,8 @@ mod simulation {
         FailCall(Failure),
         /// The controller dies right after its next driver call: nothing is recorded.
         Crash,
+        /// The controller dies after writing its next step's intent, before the call.
+        CrashBeforeCall,
         Advance(u64),
         Reconcile,
     }
@@ -1838,6 +1869,7 @@ mod simulation {
             12 => failure().prop_map(Event::FailObserve),
             18 => failure().prop_map(Event::FailCall),
             6 => Just(Event::Crash),
+            4 => Just(Event::CrashBeforeCall),
             24 => (1u64..400).prop_map(Event::Advance),
             18 => Just(Event::Reconcile),
         ]
@@ -1853,6 +1885,8 @@ mod simulation {
         ignores_graceful_stop: bool,
         /// The controller dies right after its first Create (adoption follows).
         crash_on_create: bool,
+        /// The driver can tell whether the instance's power changed since a time.
+        tells_power_changes: bool,
         jitter: f64,
     }
 
@@ -1864,10 +1898,20 @@ mod simulation {
             prop_oneof![Just(None), Just(Some(5)), Just(Some(30))],
             any::<bool>(),
             any::<bool>(),
+            any::<bool>(),
             0.0..1.0f64,
         )
             .prop_map(
-                |(desired, stop_mode, restart_mode, stop_timeout, ignores_graceful_stop, crash_on_create, jitter)| {
+                |(
+                    desired,
+                    stop_mode,
+                    restart_mode,
+                    stop_timeout,
+                    ignores_graceful_stop,
+                    crash_on_create,
+                    tells_power_changes,
+                    jitter,
+                )| {
                     Setup {
                         desired,
                         stop_mode,
@@ -1875,6 +1919,7 @@ mod simulation {
                         stop_timeout,
                         ignores_graceful_stop,
                         crash_on_create,
+                        tells_power_changes,
                         jitter,
                     }
                 },
@@ -1887,6 +1932,8 @@ mod simulation {
         state: State,
         /// A transition under way: the state it reaches, and when.
         settles: Option<(Timestamp, State)>,
+        /// When the provider last accepted a power change.
+        power_changed: Option<Timestamp>,
     }
 
     struct Sim {
@@ -1894,12 +1941,14 @@ mod simulation {
         now: Timestamp,
         jitter: f64,
         ignores_graceful_stop: bool,
+        tells_power_changes: bool,
         /// The provider: at most one instance, tagged with the Machine's UID.
         instance: Option<Instance>,
         created: u32,
         observe_failures: VecDeque<Failure>,
         call_failures: VecDeque<Failure>,
         crash_next: bool,
+        crash_before_call: bool,
         requests: u32,
         /// How often each restart request was carried out at the provider.
         performed: BTreeMap<String, u32>,
@@ -1926,11 +1975,13 @@ mod simulation {
                 now: now(),
                 jitter: setup.jitter,
                 ignores_graceful_stop: setup.ignores_graceful_stop,
+                tells_power_changes: setup.tells_power_changes,
                 instance: None,
                 created: 0,
                 observe_failures: VecDeque::new(),
                 call_failures: VecDeque::new(),
                 crash_next: setup.crash_on_create,
+                crash_before_call: false,
                 requests: 0,
                 performed: BTreeMap::new(),
                 crashed: BTreeSet::new(),
@@ -1959,6 +2010,7 @@ mod simulation {
             let now = self.now;
             let Some(i) = self.instance.as_mut() else { return };
             i.state = state;
+            i.power_changed = Some(now);
             let after = now + SignedDuration::from_secs(SETTLE_SECS);
             i.settles = match state {
                 State::Starting => Some((after, State::Running)),
@@ -1995,6 +2047,7 @@ mod simulation {
                 Event::FailObserve(f) => self.observe_failures.push_back(*f),
                 Event::FailCall(f) => self.call_failures.push_back(*f),
                 Event::Crash => self.crash_next = true,
+                Event::CrashBeforeCall => self.crash_before_call = true,
                 Event::Advance(s) => self.advance(Duration::from_secs(*s)),
                 Event::Reconcile => {}
             }
@@ -2050,7 +2103,12 @@ mod simulation {
                         assert!(self.instance.is_none(), "Create with an instance in place: {:?}", self.instance);
                         self.created += 1;
                         let id = format!("fake-{:04}", self.created);
-                        self.instance = Some(Instance { id: id.clone(), state: State::Running, settles: None });
+                        self.instance = Some(Instance {
+                            id: id.clone(),
+                            state: State::Running,
+                            settles: None,
+                            power_changed: None,
+                        });
                         self.set_state(State::Starting);
                         return Err(Outcome::Created(id));
                     }
@@ -2099,6 +2157,13 @@ mod simulation {
         fn reconcile(&mut self) -> Reconciled {
             let observed = self.observe();
             let machine = self.machine.clone();
+            // As the Kubernetes layer asks, for a restart begun and never recorded.
+            let power_changed_since_intent = match (restart_intent_since(&machine), &self.instance, &observed) {
+                (Some(since), Some(i), Observed::Instance { .. }) if self.tells_power_changes => {
+                    Some(i.power_changed.is_some_and(|at| at >= since))
+                }
+                _ => None,
+            };
             let input = Input {
                 machine: &machine,
                 observed: observed.clone(),
@@ -2106,6 +2171,7 @@ mod simulation {
                 ssh_key_secret: None,
                 secrets: None,
                 first_contact_host_key: None,
+                power_changed_since_intent,
                 now: self.now,
                 jitter: self.jitter,
                 settings: &SETTINGS,
@@ -2131,6 +2197,9 @@ mod simulation {
             if let Observed::Instance { state: State::Running, .. } = observed {
                 self.stopped_out_of_band = false;
             }
+            if self.tells_power_changes {
+                assert!(!reasons(&plan.notes).contains(&"RestartInterrupted"), "{}", self.history());
+            }
             if reasons(&plan.notes).contains(&"StoppedOutOfBand") {
                 assert!(self.stopped_out_of_band, "a drift warning without an out-of-band stop");
             }
@@ -2143,6 +2212,10 @@ mod simulation {
             let begun = (planned.step != Step::Create).then(|| begin(&plan, &planned, self.now));
             if let Some(begun) = &begun {
                 self.write(begun);
+                if std::mem::take(&mut self.crash_before_call) {
+                    self.log.push("    crashed before the call".into());
+                    return Reconciled { plan, requeue: Some(Duration::from_secs(1)) };
+                }
             }
             let outcome = self.perform(&planned);
             self.log.push(format!("    {:?} -> {:?}", planned.step, outcome));
@@ -2183,6 +2256,7 @@ mod simulation {
         sim.observe_failures.clear();
         sim.call_failures.clear();
         sim.crash_next = false;
+        sim.crash_before_call = false;
         sim.log.push("-- converging".into());
         let mut last = None;
         for _ in 0..400 {

@@ -596,6 +596,17 @@ fn decode_console(encoded: &str) -> Result<String, DriverError> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
+/// The time in EC2's `User initiated (2026-12-01 11:00:00 GMT)` state transition reason.
+fn user_initiated_at(reason: &str) -> Option<jiff::Timestamp> {
+    let inner = reason.strip_prefix("User initiated (")?.strip_suffix(')')?;
+    let (datetime, zone) = inner.rsplit_once(' ')?;
+    if zone != "GMT" && zone != "UTC" {
+        return None;
+    }
+    let civil: jiff::civil::DateTime = datetime.parse().ok()?;
+    civil.to_zoned(jiff::tz::TimeZone::UTC).ok().map(|z| z.timestamp())
+}
+
 fn instance_state(instance: &aws_sdk_ec2::types::Instance) -> State {
     state_of(instance.state().and_then(|s| s.name()))
 }
@@ -751,6 +762,20 @@ impl Driver for Ec2Driver {
             .map_err(|e| self.error(AwsError::from_sdk("RebootInstances", e)))
     }
 
+    /// From the launch time (a start) and the time in a `User initiated (…)` state
+    /// transition reason (a stop or kill). A reboot leaves neither, so EC2 can tell only
+    /// that a change happened, never that none did: never `Some(false)`, and a clock skew
+    /// can only make a restart at most once, never twice.
+    async fn power_changed_since(&self, id: &str, since: jiff::Timestamp) -> Result<Option<bool>, DriverError> {
+        let Some(instance) = self.describe(id).await? else { return Ok(None) };
+        // EC2 gives whole seconds.
+        let since = since.as_second();
+        let launched = instance.launch_time().is_some_and(|t| t.secs() >= since);
+        let transitioned =
+            instance.state_transition_reason().and_then(user_initiated_at).is_some_and(|t| t.as_second() >= since);
+        Ok((launched || transitioned).then_some(true))
+    }
+
     /// An instance EC2 does not show (yet) is Starting while its id is younger than
     /// [`EVENTUAL_CONSISTENCY_GRACE`], so a fresh Machine never looks lost.
     async fn status(&self, id: &str) -> Result<State, DriverError> {
@@ -845,6 +870,22 @@ impl Driver for Ec2Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_initiated_transitions_give_their_time() {
+        let at = user_initiated_at("User initiated (2026-12-01 11:00:05 GMT)").unwrap();
+        assert_eq!(at, "2026-12-01T11:00:05Z".parse::<jiff::Timestamp>().unwrap());
+        assert!(user_initiated_at("User initiated (2026-12-01 11:00:05 UTC)").is_some());
+        for other in [
+            "",
+            "Server.InternalError",
+            "User initiated",
+            "User initiated (yesterday)",
+            "User initiated (2026-12-01 11:00:05 PST)",
+        ] {
+            assert_eq!(user_initiated_at(other), None, "{other:?}");
+        }
+    }
 
     #[test]
     fn ec2_states_map_onto_driver_states() {

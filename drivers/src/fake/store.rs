@@ -5,10 +5,14 @@
 //! "tag"), so looking an instance up by UID reads one small directory; and
 //! `<dir>/<machine-uid>/failures.json` for the failure-injection counters. Every write is
 //! atomic (write a temporary file, then rename).
+//!
+//! With a call journal ([`FakeStore::with_call_journal`]), `<dir>/calls.jsonl` gets one
+//! [`FakeCall`] line per driver call, for tests that assert on who called what and when.
 
 use std::collections::BTreeMap;
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -16,6 +20,22 @@ use serde::{Deserialize, Serialize};
 use crate::{DriverError, State};
 
 const FAILURES_FILE: &str = "failures.json";
+const CALLS_FILE: &str = "calls.jsonl";
+
+/// One driver call as the call journal recorded it when the call ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FakeCall {
+    /// Who made the call (see [`FakeStore::with_call_journal`]).
+    pub caller: String,
+    pub machine_uid: String,
+    /// The `Driver` method: `find`, `create`, `remove`, `status`, `ssh_endpoint`, ...
+    pub operation: String,
+    pub started: Timestamp,
+    pub ended: Timestamp,
+    /// `false` when the call's future was dropped before it returned.
+    pub completed: bool,
+}
 
 /// A fake instance as stored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -35,6 +55,9 @@ pub struct InstanceRecord {
     pub address: String,
     #[serde(default)]
     pub authorized_keys: Vec<String>,
+    /// When the provider last accepted a power change (start, stop, kill, restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_changed_at: Option<Timestamp>,
     /// How many times each operation changed this instance, for tests to assert on.
     #[serde(default)]
     pub calls: BTreeMap<String, u32>,
@@ -89,11 +112,51 @@ impl InstanceRecord {
 #[derive(Clone, Debug)]
 pub struct FakeStore {
     dir: PathBuf,
+    /// The caller named in the call journal; `None` journals nothing.
+    caller: Option<Arc<str>>,
 }
 
 impl FakeStore {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        FakeStore { dir: dir.into() }
+        FakeStore { dir: dir.into(), caller: None }
+    }
+
+    /// Journals every driver call made through this store to `<dir>/calls.jsonl`, as
+    /// made by `caller` (tests tell apart two controllers sharing one directory).
+    pub fn with_call_journal(mut self, caller: impl Into<String>) -> Self {
+        self.caller = Some(caller.into().into());
+        self
+    }
+
+    /// Every call journaled in this directory, by any caller, in the order they ended.
+    /// Panics on an unreadable or corrupt journal: this is for tests.
+    pub fn call_journal(&self) -> Vec<FakeCall> {
+        let path = self.dir.join(CALLS_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => panic!("reading {}: {e}", path.display()),
+        };
+        // Only whole lines: a line being appended right now may be read in part.
+        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        whole
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{}: {e}: {line}", path.display())))
+            .collect()
+    }
+
+    /// A guard that journals one call when dropped; inert (and free) without a caller.
+    pub(crate) fn journal_call(&self, machine_uid: &str, operation: &'static str) -> JournaledCall<'_> {
+        JournaledCall {
+            open: self.caller.as_ref().map(|caller| OpenCall {
+                store: self,
+                caller,
+                machine_uid: machine_uid.to_string(),
+                operation,
+                started: Timestamp::now(),
+            }),
+            completed: false,
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -192,6 +255,52 @@ impl FakeStore {
             }
         }
         Ok(())
+    }
+}
+
+/// A driver call under way; its `Drop` writes the journal line, so a call whose future
+/// is dropped mid-way is journaled too (`completed: false`).
+pub(crate) struct JournaledCall<'a> {
+    open: Option<OpenCall<'a>>,
+    completed: bool,
+}
+
+struct OpenCall<'a> {
+    store: &'a FakeStore,
+    caller: &'a str,
+    machine_uid: String,
+    operation: &'static str,
+    started: Timestamp,
+}
+
+impl JournaledCall<'_> {
+    /// Marks the call as returned with `value`.
+    pub(crate) fn complete<T>(mut self, value: T) -> T {
+        self.completed = true;
+        value
+    }
+}
+
+impl Drop for JournaledCall<'_> {
+    fn drop(&mut self) {
+        let Some(call) = self.open.take() else { return };
+        let record = FakeCall {
+            caller: call.caller.to_string(),
+            machine_uid: call.machine_uid,
+            operation: call.operation.to_string(),
+            started: call.started,
+            ended: Timestamp::now(),
+            completed: self.completed,
+        };
+        let Ok(mut line) = serde_json::to_vec(&record) else { return };
+        line.push(b'\n');
+        // O_APPEND and one write per line: lines of concurrent writers (tasks or
+        // processes) never interleave. Errors are ignored: the journal is for tests.
+        let path = call.store.dir.join(CALLS_FILE);
+        let _ = std::fs::create_dir_all(&call.store.dir);
+        if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = file.write_all(&line);
+        }
     }
 }
 
