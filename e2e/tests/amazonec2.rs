@@ -178,6 +178,52 @@ async fn a_controller_killed_between_run_instances_and_the_status_write_leaves_o
     env.cleanup().await
 }
 
+/// A hard restart whose Kill (StopInstances) took effect, but whose answer never reached
+/// the controller: it was killed meanwhile. EC2's state transition reason shows the
+/// user-initiated stop, so the next controller knows the restart happened: one Kill, one
+/// Start, no reboot, and no warning that it may not have happened.
+#[tokio::test]
+async fn an_ec2_hard_restart_interrupted_after_its_kill_is_made_exactly_once() -> Result<()> {
+    let moto = Moto::start();
+    let proxy = loopback_proxy(&moto);
+    let (_refusing, port) = refusing_port()?;
+    let client = ec2(&moto).await;
+    // Launched long ago, so only the stop's own trace can tell.
+    proxy.rewrite_launch_time("2020-01-01T00:00:00.000Z");
+    let mut env = Env::new("ec2-restartcrash").await?;
+    aws_secret(&env).await?;
+    let m = env.create(&ec2_machine("web", &proxy, port, None)).await?;
+    let uid = m.uid().unwrap();
+    let id = provider_id(&env, "web").await?;
+    env.wait_for("web", "running", Duration::from_secs(60), |m| state_of(m) == Some(State::Running)).await?;
+
+    proxy.delay_answer("StopInstances", Duration::from_secs(60));
+    env.patch("web", json!({ "spec": { "restartMode": "Hard", "restartRequest": "r1" } })).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while state_in_moto(&client, &id).await?.as_deref() != Some("stopped") {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the Kill never reached EC2");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.abort_controller();
+    proxy.delay_answer("StopInstances", Duration::ZERO);
+    env.start_controller();
+    env.wait_for("web", "restarted (r1) and running", Duration::from_secs(60), |m| {
+        m.status.as_ref().is_some_and(|s| s.last_restart_request.as_deref() == Some("r1"))
+            && state_of(m) == Some(State::Running)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure_eq(proxy.count("StopInstances"), 1, "Kill calls")?;
+    ensure_eq(proxy.count("StartInstances"), 1, "Start calls")?;
+    ensure_eq(proxy.count("RebootInstances"), 0, "Restart calls")?;
+    let reasons: Vec<String> = env.events("web").await?.into_iter().filter_map(|e| e.reason).collect();
+    anyhow::ensure!(!reasons.iter().any(|r| r == "RestartInterrupted"), "warned as if unknown: {reasons:?}");
+    let note = env.wait_event("web", "Restarted").await?.note.unwrap_or_default();
+    anyhow::ensure!(note.contains("happened and is not repeated"), "{note}");
+    delete_leaving_nothing(&env, &client, "web", &uid).await?;
+    env.cleanup().await
+}
+
 // The console-pinned path: a real sshd on loopback, the proxy serving the console.
 
 #[tokio::test]

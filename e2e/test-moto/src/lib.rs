@@ -161,6 +161,8 @@ struct FaultState {
     /// The launch time every instance in moto's answers is given.
     launch_time: Option<String>,
     timing: Ec2Timing,
+    /// How long moto's answer to an action is held back before it is passed on.
+    delays: HashMap<String, Duration>,
     /// When RunInstances answered with each instance id.
     launched: HashMap<String, Instant>,
     /// The transitional state each instance entered (by a RunInstances, StartInstances,
@@ -328,6 +330,12 @@ impl FaultProxy {
         self.state.lock().unwrap().launch_time = Some(time.to_string());
     }
 
+    /// From now on moto's answers to `action` reach the client `by` late (zero: at once):
+    /// the request has taken effect, and a controller killed meanwhile never learns it.
+    pub fn delay_answer(&self, action: &str, by: Duration) {
+        self.state.lock().unwrap().delays.insert(action.to_string(), by);
+    }
+
     /// From now on the proxy imitates EC2's timing as `timing` says, for what is created,
     /// started, stopped or terminated through it from now on.
     pub fn imitate_timing(&self, timing: Ec2Timing) {
@@ -429,7 +437,7 @@ fn serve(mut client: TcpStream, upstream: SocketAddr, state: &std::sync::Mutex<F
     server.write_all(&request[head_end..])?;
     let mut response = Vec::new();
     server.read_to_end(&mut response)?;
-    let (edits, states) = {
+    let (edits, states, delay) = {
         let mut state = state.lock().unwrap();
         if succeeded(&response) {
             state.record(&action, &params, &response);
@@ -446,8 +454,10 @@ fn serve(mut client: TcpStream, upstream: SocketAddr, state: &std::sync::Mutex<F
         }
         let shows_states =
             ["DescribeInstances", "StartInstances", "StopInstances", "TerminateInstances"].contains(&action.as_str());
-        (edits, if shows_states { state.transitional_states() } else { HashMap::new() })
+        let delay = state.delays.get(&action).copied().unwrap_or_default();
+        (edits, if shows_states { state.transitional_states() } else { HashMap::new() }, delay)
     };
+    std::thread::sleep(delay);
     if !edits.is_empty() {
         response = edit(&response, &edits);
     }
