@@ -16,7 +16,7 @@ use kube::{Api, Client, ResourceExt};
 use machinist_drivers::Drivers;
 use tracing::{debug, info, warn};
 
-use crate::api::Machine;
+use crate::api::{Machine, SECRET_GUARDED_LABEL};
 use crate::k8s::{self, Context, CrdError};
 use crate::leader::{Fence, LeaderElectionConfig, LeaderElector};
 use crate::metrics::{self, Metrics, ReasonLabels};
@@ -124,15 +124,24 @@ pub async fn run(
     let watch = watcher(machines, watcher::Config::default().any_semantic()).modify(prune);
     let controller = Controller::for_stream(reflector(writer, watch).applied_objects(), store.clone());
     // A Secret that appears or changes brings the Machines that use it back at once: a
-    // missing credentials Secret created, credentials rotated or fixed. Only metadata is
-    // kept of each event.
-    let secrets: Api<PartialObjectMeta<Secret>> = match &config.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let users = store.clone();
+    // missing credentials Secret created, credentials rotated or fixed. The Secrets in use
+    // (guarded, and labelled so) are cached whole, so no reconcile reads one from the API;
+    // of the others only metadata is watched, to notice one that appears.
+    let guarded_label = format!("{SECRET_GUARDED_LABEL}=true");
+    let guarded: Api<Secret> = namespaced_or_all(&client, config.namespace.as_deref());
+    let secret_writer = kube::runtime::reflector::store::Writer::<Secret>::default();
+    let secret_cache = secret_writer.as_reader();
+    let guarded = watcher(guarded, watcher::Config::default().labels(&guarded_label).any_semantic())
+        .modify(|secret: &mut Secret| secret.metadata.managed_fields = None);
+    let guarded = reflector(secret_writer, guarded).applied_objects();
+    let others: Api<PartialObjectMeta<Secret>> = namespaced_or_all(&client, config.namespace.as_deref());
+    let others_config = watcher::Config::default().labels(&format!("!{SECRET_GUARDED_LABEL}")).any_semantic();
+    let (users, other_users) = (store.clone(), store.clone());
     let controller = controller
-        .watches(secrets, watcher::Config::default().any_semantic(), move |secret| machines_using(&users, &secret))
+        .watches_stream(guarded, move |secret: Secret| machines_using(&users, secret.namespace(), &secret.name_any()))
+        .watches(others, others_config, move |secret| {
+            machines_using(&other_users, secret.namespace(), &secret.name_any())
+        })
         .with_config(controller::Config::default().concurrency(config.concurrency))
         .graceful_shutdown_on(shutdown.clone());
     // With leader election, nothing acts on an instance until the Lease is held, nor
@@ -151,9 +160,16 @@ pub async fn run(
         written: Default::default(),
         api_failures: Default::default(),
         fence: fence.clone(),
+        secret_cache: Some(secret_cache.clone()),
+        secret_locks: Default::default(),
     });
     background.0.push(tokio::spawn(count_phases(store.clone(), metrics.clone())));
-    background.0.push(tokio::spawn(sweep_secrets(client.clone(), config.namespace.clone())));
+    background.0.push(tokio::spawn(sweep_secrets(
+        client.clone(),
+        config.namespace.clone(),
+        secret_cache,
+        store.clone(),
+    )));
     let cache_ready = ready.clone();
     background.0.push(tokio::spawn(async move {
         // Poll again every second: kube-runtime 5.0's Store readiness wakes only its
@@ -251,22 +267,33 @@ fn prune(object: &mut DeserializeGuard<Machine>) {
 
 const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-/// The Machines in the cache that use `secret`.
+/// The Machines in the cache that use the Secret `name` of namespace `ns`.
 fn machines_using(
     machines: &Store<DeserializeGuard<Machine>>,
-    secret: &PartialObjectMeta<Secret>,
+    ns: Option<String>,
+    name: &str,
 ) -> Vec<ObjectRef<DeserializeGuard<Machine>>> {
-    let (ns, name) = (secret.namespace(), secret.name_any());
     machines
         .state()
         .iter()
         .filter_map(|object| match &object.0 {
-            Ok(machine) if machine.namespace() == ns && machine.uses_secret(&name) => {
+            Ok(machine) if machine.namespace() == ns && machine.uses_secret(name) => {
                 Some(ObjectRef::from_obj(&**object))
             }
             _ => None,
         })
         .collect()
+}
+
+fn namespaced_or_all<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
 }
 
 /// One item of the controller's output stream.
@@ -319,11 +346,25 @@ impl Drop for Background {
 }
 
 /// Releases, at start and then every ten minutes, guarded Secrets that no Machine uses
-/// (left by a controller stopped between letting a Machine go and releasing them).
-async fn sweep_secrets(client: Client, namespace: Option<String>) {
+/// (left by a controller stopped between letting a Machine go and releasing them). At
+/// start from the API; then from the caches, which costs no API read when there is
+/// nothing to release.
+async fn sweep_secrets(
+    client: Client,
+    namespace: Option<String>,
+    secrets: k8s::SecretCache,
+    machines: Store<DeserializeGuard<Machine>>,
+) {
+    let mut swept_api = false;
     loop {
-        if let Err(error) = k8s::sweep_secrets(&client, namespace.as_deref()).await {
-            debug!(%error, "sweeping unused guarded Secrets failed; trying again later");
+        let from = if swept_api {
+            k8s::SweepFrom::Caches { secrets: &secrets, machines: &machines }
+        } else {
+            k8s::SweepFrom::Api
+        };
+        match k8s::sweep_secrets(&client, namespace.as_deref(), from).await {
+            Ok(()) => swept_api = true,
+            Err(error) => debug!(%error, "sweeping unused guarded Secrets failed; trying again later"),
         }
         tokio::time::sleep(Duration::from_secs(600)).await;
     }

@@ -320,6 +320,8 @@ impl Harness {
             written: Default::default(),
             api_failures: Default::default(),
             fence: Default::default(),
+            secret_cache: None,
+            secret_locks: Default::default(),
         });
         Harness { server, ctx, _dir: dir }
     }

@@ -118,6 +118,25 @@ async fn force_stop_kills() -> Result<()> {
     env.cleanup().await
 }
 
+/// A Stop call that does not even answer within stopTimeoutSeconds (the provider takes 5 s
+/// to acknowledge): it is left pending, and the Kill is a step of its own, made once the
+/// timeout has passed since the Stop; no failure is recorded.
+#[tokio::test]
+async fn a_stop_call_that_does_not_answer_in_time_is_followed_by_one_kill() -> Result<()> {
+    let env = Env::new("stophang").await?;
+    let fake = r#"{"latencyMillis": {"stop": 5000}}"#;
+    let machine = env.create(&fake_machine("m", fake, "  stopTimeoutSeconds: 2\n")).await?;
+    env.wait_ready("m").await?;
+    env.patch("m", json!({"spec": {"powerState": "Stopped"}})).await?;
+    let stopped = env.wait_condition("m", ConditionType::Ready, "False", Some("Stopped")).await?;
+    ensure_eq(calls(&env, &machine, Operation::Stop), 1, "Stop calls")?;
+    ensure_eq(calls(&env, &machine, Operation::Kill), 1, "Kill calls")?;
+    let event = env.wait_event("m", "StopTimedOut").await?;
+    ensure_eq(event.type_.as_deref(), Some("Warning"), "StopTimedOut event type")?;
+    ensure_eq(stopped.status.and_then(|s| s.failures), None, "failures recorded")?;
+    env.cleanup().await
+}
+
 #[tokio::test]
 async fn graceful_stop_that_times_out_is_escalated_to_kill() -> Result<()> {
     let env = Env::new("escalate").await?;

@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::DeleteParams;
+use kube::api::{DeleteParams, Patch};
 use kube::{Api, ResourceExt};
-use machinist::api::{ConditionType, Machine, SECRET_FINALIZER};
-use machinist_e2e::{Env, condition, ensure_eq, fake_machine};
+use machinist::api::{ConditionType, Machine, SECRET_FINALIZER, SECRET_GUARDED_LABEL};
+use machinist::reconcile::Settings;
+use machinist::run::RunConfig;
+use machinist_e2e::{Backend, Env, condition, ensure_eq, fake_machine, test_settings};
 use serde_json::json;
 
 async fn create_secret(env: &Env, name: &str) -> Result<Secret> {
@@ -20,8 +22,12 @@ fn secrets_api(env: &Env) -> Api<Secret> {
     Api::namespaced(env.client.clone(), &env.namespace)
 }
 
+/// machinist's finalizer and the label its Secret cache watches (both or neither).
 fn guarded(secret: &Secret) -> bool {
-    secret.finalizers().iter().any(|f| f == SECRET_FINALIZER)
+    let finalizer = secret.finalizers().iter().any(|f| f == SECRET_FINALIZER);
+    let label = secret.labels().get(SECRET_GUARDED_LABEL).is_some_and(|v| v == "true");
+    assert_eq!(finalizer, label, "finalizer and label go together: {:?}", secret.metadata);
+    finalizer
 }
 
 fn used(m: &Machine) -> Vec<(String, bool)> {
@@ -115,5 +121,62 @@ async fn deleting_a_machine_whose_secret_never_existed_needs_no_driver_call() ->
     env.wait_condition("m", ConditionType::Ready, "False", Some("InvalidSpec")).await?;
     env.delete_and_wait("m").await?;
     ensure!(env.instances(&m).is_empty());
+    env.cleanup().await
+}
+
+/// The controller's count of reconciles, from its /metrics.
+async fn reconciles(env: &Env) -> Result<u64> {
+    let (_, metrics) = machinist_e2e::http_get(env.metrics_address, "/metrics").await?;
+    let line = metrics.lines().find(|l| l.starts_with("machinist_reconciles_total ")).unwrap_or_default();
+    Ok(line.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0))
+}
+
+/// Polls of a converged Machine read its Secret from the controller's cache, never from
+/// the API. (Counted by the test server; a real cluster counts in its audit log.)
+#[tokio::test]
+async fn polls_of_a_converged_machine_read_no_secret_from_the_api() -> Result<()> {
+    let env = Env::new("secretreads").await?;
+    let Backend::TestServer(server) = env.backend else { return env.cleanup().await };
+    create_secret(&env, "creds").await?;
+    env.create(&with_credentials("a", "creds")).await?;
+    env.wait_ready("a").await?;
+    wait_secret(&env, "creds", "guarded", |s| s.is_some_and(guarded)).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let (gets, polls) = (server.read_counts().get("secrets", "GET"), reconciles(&env).await?);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let polled = reconciles(&env).await? - polls;
+    ensure!(polled >= 3, "the Machine was polled ({polled} reconciles in 4 s at a 1 s poll interval)");
+    ensure_eq(server.read_counts().get("secrets", "GET") - gets, 0, "Secret GETs during the polls")?;
+    env.cleanup().await
+}
+
+/// A change to a Secret in use reaches the controller's cache and wakes the Machines
+/// that use it at once (here the poll interval is a minute).
+#[tokio::test]
+async fn a_changed_secret_wakes_the_machines_that_use_it_at_once() -> Result<()> {
+    let mut env = Env::idle("secretwake").await?;
+    let settings = Settings { poll_interval: Duration::from_secs(60), ..test_settings() };
+    let controller =
+        env.spawn_controller(RunConfig { metrics_address: Some(env.metrics_address), settings, ..env.run_config() });
+    create_secret(&env, "creds").await?;
+    env.create(&with_credentials("a", "creds")).await?;
+    env.wait_ready("a").await?;
+    wait_secret(&env, "creds", "guarded", |s| s.is_some_and(guarded)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = reconciles(&env).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure_eq(reconciles(&env).await?, before, "reconciles while nothing changes")?;
+
+    secrets_api(&env)
+        .patch("creds", &Default::default(), &Patch::Merge(json!({ "stringData": { "token": "rotated" } })))
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while reconciles(&env).await? == before {
+        ensure!(tokio::time::Instant::now() < deadline, "the changed Secret did not wake its Machine");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    controller.stop().await?;
+    env.start_controller();
     env.cleanup().await
 }

@@ -16,6 +16,10 @@ pub const PAUSED_ANNOTATION: &str = "machinist.dev/paused";
 pub const ACCEPT_HOST_KEY_ANNOTATION: &str = "machinist.dev/accept-host-key";
 /// The finalizer machinist puts on every Secret a Machine uses, until none does.
 pub const SECRET_FINALIZER: &str = "machinist.dev/secret-protection";
+/// The label (value `"true"`) on every Secret that carries [`SECRET_FINALIZER`]: the
+/// controller watches and caches exactly these Secrets, so a reconcile reads none from
+/// the API.
+pub const SECRET_GUARDED_LABEL: &str = "machinist.dev/secret-protection";
 /// The field manager of every write machinist makes.
 pub const FIELD_MANAGER: &str = "machinist";
 

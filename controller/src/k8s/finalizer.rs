@@ -8,6 +8,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::machine::Error;
+use super::status::WrittenStatuses;
 use crate::api::{FIELD_MANAGER, FINALIZER, Machine};
 
 fn params() -> PatchParams {
@@ -21,7 +22,9 @@ fn patch(operations: serde_json::Value) -> Patch<()> {
 /// Adds the finalizer, on the condition that the list is still what the cached copy shows.
 /// A 404 (gone meanwhile) or 422 (the list changed: the `test` failed) is no error: the
 /// watch event for that change brings a fresh reconcile.
-pub async fn add(api: &Api<Machine>, machine: &Machine) -> Result<(), Error> {
+/// The write is remembered, so a reconcile woken before the watch shows it (a Secret
+/// change, say) waits for it rather than adding the finalizer again.
+pub async fn add(api: &Api<Machine>, machine: &Machine, written: &WrittenStatuses) -> Result<(), Error> {
     let current = machine.finalizers();
     let operations = if current.is_empty() {
         json!([
@@ -35,7 +38,12 @@ pub async fn add(api: &Api<Machine>, machine: &Machine) -> Result<(), Error> {
         ])
     };
     match api.patch(&machine.name_any(), &params(), &patch(operations)).await {
-        Ok(_) => Ok(()),
+        Ok(patched) => {
+            if let (Some(uid), Some(version)) = (patched.uid(), patched.resource_version()) {
+                written.record(uid, version);
+            }
+            Ok(())
+        }
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 422 => Ok(()),
         Err(e) => Err(Error::Finalizer(e)),
     }

@@ -11,7 +11,7 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::{Api, Client, Resource, ResourceExt};
 use machinist_drivers::{
-    CREDENTIALS_FIELD, CreateRequest, Credentials, Driver, DriverError, Drivers, MachineRef, Operation, Removal, State,
+    CREDENTIALS_FIELD, CreateRequest, Credentials, Driver, DriverError, Drivers, MachineRef, Operation, Removal,
 };
 use tracing::{debug, info, instrument, warn};
 
@@ -35,6 +35,11 @@ pub struct Context {
     pub api_failures: ApiFailures,
     /// Closed while this replica may not act (a leader past its renew deadline).
     pub fence: crate::leader::Fence,
+    /// The guarded Secrets, watched; `None`: every read goes to the API.
+    pub secret_cache: Option<super::secrets::SecretCache>,
+    /// One reconcile at a time reads and guards a given Secret, so Machines that share
+    /// one do not race to guard it (a conflict, and a wasted write, each).
+    pub secret_locks: super::secrets::SecretLocks,
 }
 
 /// Consecutive reconciles of a Machine that failed on the Kubernetes API, so they back
@@ -113,7 +118,7 @@ pub async fn reconcile(obj: Arc<DeserializeGuard<Machine>>, ctx: Arc<Context>) -
     let result = match (deleting, ours) {
         // The finalizer is on the object before the first driver call; its watch event
         // brings the reconcile that goes on.
-        (false, false) => super::finalizer::add(&api, &machine).await.map(|()| Action::await_change()),
+        (false, false) => super::finalizer::add(&api, &machine, &ctx.written).await.map(|()| Action::await_change()),
         (false, true) => apply(&api, &machine, &ctx).await,
         (true, true) => match cleanup(&api, &machine, &ctx).await {
             Ok(action) => match super::finalizer::remove(&api, &machine).await {
@@ -290,7 +295,7 @@ async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<A
     publish(ctx, machine, &plan.notes).await;
     let provider_id = plan.status.provider_id.clone().unwrap_or_default();
     info!(step = ?planned.step, cause = ?planned.cause, provider_id, "calling the driver");
-    let outcome = perform(driver.as_ref(), &planned, &provider_id, ctx, machine, key.as_ref()).await;
+    let outcome = perform(driver.as_ref(), &planned, input.now, &provider_id, ctx, machine, key.as_ref()).await;
     let after = Input { now: now(), first_contact_host_key: driver.first_contact_host_key(), ..input };
     let recorded = reconcile::record(&after, &plan, &planned, outcome);
     patch_status(api, &ctx.written, machine, shown.as_ref(), &recorded.status).await?;
@@ -454,16 +459,7 @@ async fn observe(machine: &Machine, ctx: &Context) -> Result<Observation, Error>
     let observed = match found {
         Ok(None) => Observed::NoInstance,
         Ok(Some((id, state))) => {
-            // Addresses change when an instance (re)starts, not while it runs: look them
-            // up then, so an idle poll costs one driver call.
-            let status = machine.status.as_ref();
-            let stale = status.is_none_or(|s| s.addresses.is_empty() || s.state != Some(State::Running))
-                || status.and_then(|s| s.last_operation.as_ref()).is_some_and(|op| {
-                    op.result == crate::api::OperationResult::Succeeded
-                        && matches!(op.operation, Operation::Start | Operation::Restart)
-                        && status.is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status != "True"))
-                });
-            let addresses = if state == State::Running && stale {
+            let addresses = if reconcile::addresses_stale(machine, state) {
                 call(ctx, driver.as_ref(), Operation::Status, driver.addresses(&id)).await.ok()
             } else {
                 None
@@ -522,9 +518,11 @@ fn not_leading() -> DriverError {
     DriverError::transient("not called: this replica is no longer the leader")
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn perform(
     driver: &dyn Driver,
     planned: &Planned,
+    begun_at: Timestamp,
     id: &str,
     ctx: &Context,
     machine: &Machine,
@@ -543,13 +541,13 @@ async fn perform(
                 .map_or_else(failed(Operation::Create), Outcome::Created)
         }
         Step::Start => done(call(ctx, driver, Operation::Start, driver.start(id)).await, Operation::Start),
-        Step::Stop { escalate_after } => {
-            match tokio::time::timeout(*escalate_after, call(ctx, driver, Operation::Stop, driver.stop(id))).await {
+        // One call; one that does not answer within stopTimeoutSeconds is left pending,
+        // and the next reconcile escalates it.
+        Step::Stop => {
+            let within = machine.spec.stop_timeout();
+            match tokio::time::timeout(within, call(ctx, driver, Operation::Stop, driver.stop(id))).await {
                 Ok(result) => done(result, Operation::Stop),
-                Err(_) => match call(ctx, driver, Operation::Kill, driver.kill(id)).await {
-                    Ok(()) => Outcome::StopEscalated,
-                    Err(error) => Outcome::Failed { operation: Operation::Kill, error },
-                },
+                Err(_) => Outcome::Unanswered { operation: Operation::Stop, called_at: begun_at },
             }
         }
         Step::Kill => done(call(ctx, driver, Operation::Kill, driver.kill(id)).await, Operation::Kill),

@@ -14,6 +14,6 @@ pub use client::with_request_timeout;
 pub use crd::{CrdError, wait_for_crd};
 pub use events::{EventNote, EventPublisher};
 pub use machine::{Context, Error, error_policy, reconcile};
-pub use secrets::sweep as sweep_secrets;
+pub use secrets::{SecretCache, SweepFrom, sweep as sweep_secrets};
 pub use ssh::{MachineKey, generated_secret_name};
 pub use status::{WrittenStatuses, patch_status};

@@ -4,6 +4,11 @@
 //! no Machine in its namespace uses it. A Secret deleted meanwhile (by a user, or by the
 //! namespace controller while the namespace terminates) stays, with its
 //! `deletionTimestamp`, so Remove still has the credentials it needs.
+//!
+//! A guarded Secret also carries the label [`SECRET_GUARDED_LABEL`], and the controller
+//! watches the Secrets with that label into a cache: after the first use, reconciles read
+//! a Secret from there, never from the API, and a change to it brings the Machines that
+//! use it back at once.
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -14,7 +19,56 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::machine::Context;
-use crate::api::{FIELD_MANAGER, Machine, SECRET_FINALIZER, SecretUse};
+use crate::api::{FIELD_MANAGER, Machine, SECRET_FINALIZER, SECRET_GUARDED_LABEL, SecretUse};
+
+/// The guarded Secrets, as the watch of [`SECRET_GUARDED_LABEL`] shows them.
+pub type SecretCache = kube::runtime::reflector::Store<Secret>;
+
+/// Per-Secret locks (keyed `namespace/name`), held while a Secret is read and guarded.
+#[derive(Default)]
+pub struct SecretLocks(std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>);
+
+impl SecretLocks {
+    async fn hold<T>(&self, key: String, work: impl Future<Output = T>) -> T {
+        let lock = self.0.lock().expect("not poisoned").entry(key.clone()).or_default().clone();
+        let result = {
+            let _held = lock.lock().await;
+            work.await
+        };
+        // The last one out removes the entry: the map holds only Secrets being read.
+        let mut locks = self.0.lock().expect("not poisoned");
+        if locks.get(&key).is_some_and(|l| std::sync::Arc::strong_count(l) <= 2) {
+            locks.remove(&key);
+        }
+        result
+    }
+}
+
+/// Guarded by machinist, as the finalizer and the label say.
+fn is_guarded(secret: &Secret) -> bool {
+    secret.finalizers().iter().any(|f| f == SECRET_FINALIZER)
+        && secret.labels().get(SECRET_GUARDED_LABEL).is_some_and(|v| v == "true")
+}
+
+/// The Secret from the cache, when it is guarded there.
+fn cached(ctx: &Context, ns: &str, name: &str) -> Option<Secret> {
+    let cache = ctx.secret_cache.as_ref()?;
+    let secret = cache.get(&kube::runtime::reflector::ObjectRef::new(name).within(ns))?;
+    is_guarded(&secret).then(|| (*secret).clone())
+}
+
+/// The Secret from the cache when it is guarded there (no API read), else from the API.
+pub(super) async fn fetch(
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    ns: &str,
+    name: &str,
+) -> Result<Option<Secret>, kube::Error> {
+    match cached(ctx, ns, name) {
+        Some(secret) => Ok(Some(secret)),
+        None => secrets.get_opt(name).await,
+    }
+}
 
 /// Reads a Secret the Machine names in `field`, and guards it first. A Secret that does
 /// not exist is an invalid spec that says so (the Secret watch brings the Machine back the
@@ -26,9 +80,25 @@ pub async fn read(
     name: &str,
 ) -> Result<(Secret, SecretUse), DriverError> {
     let ns = machine.namespace().unwrap_or_default();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let secret = secrets
-        .get_opt(name)
+    match cached(ctx, &ns, name) {
+        // The common case, a poll: no lock, no API read.
+        Some(secret) => Ok(in_use(secret, field, name)),
+        None => ctx.secret_locks.hold(format!("{ns}/{name}"), read_and_guard(ctx, &ns, field, name)).await,
+    }
+}
+
+fn in_use(secret: Secret, field: &str, name: &str) -> (Secret, SecretUse) {
+    let used = SecretUse {
+        name: name.to_string(),
+        field: field.to_string(),
+        deletion_held: secret.metadata.deletion_timestamp.is_some(),
+    };
+    (secret, used)
+}
+
+async fn read_and_guard(ctx: &Context, ns: &str, field: &str, name: &str) -> Result<(Secret, SecretUse), DriverError> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let secret = fetch(ctx, &secrets, ns, name)
         .await
         .map_err(|e| DriverError::transient(format!("reading the Secret {ns}/{name} ({field}): {e}")))?
         .ok_or_else(|| {
@@ -40,24 +110,20 @@ pub async fn read(
     let secret = guard(&secrets, secret).await.map_err(|e| {
         DriverError::transient(format!("protecting the Secret {ns}/{name} ({field}) while the Machine uses it: {e}"))
     })?;
-    let used = SecretUse {
-        name: name.to_string(),
-        field: field.to_string(),
-        deletion_held: secret.metadata.deletion_timestamp.is_some(),
-    };
-    Ok((secret, used))
+    Ok(in_use(secret, field, name))
 }
 
-/// Adds machinist's finalizer, unless the Secret has it, or is being deleted already
-/// (Kubernetes refuses new finalizers then; it may still go).
+/// Adds machinist's finalizer and label, unless the Secret has them, or is being deleted
+/// already (Kubernetes refuses new finalizers then; it may still go).
 pub(super) async fn guard(secrets: &Api<Secret>, mut secret: Secret) -> Result<Secret, kube::Error> {
     for attempt in 0..3 {
-        if secret.finalizers().iter().any(|f| f == SECRET_FINALIZER) || secret.metadata.deletion_timestamp.is_some() {
+        if is_guarded(&secret) || secret.metadata.deletion_timestamp.is_some() {
             return Ok(secret);
         }
-        let mut finalizers = secret.finalizers().to_vec();
+        let mut finalizers: Vec<String> =
+            secret.finalizers().iter().filter(|f| *f != SECRET_FINALIZER).cloned().collect();
         finalizers.push(SECRET_FINALIZER.to_string());
-        match patch_finalizers(secrets, &secret, finalizers).await {
+        match patch_guard(secrets, &secret, finalizers, true).await {
             Ok(guarded) => {
                 debug!(secret = %secret.name_any(), "protecting the Secret while a Machine uses it");
                 return Ok(guarded);
@@ -73,33 +139,69 @@ pub(super) async fn guard(secrets: &Api<Secret>, mut secret: Secret) -> Result<S
     Ok(secret)
 }
 
-/// Replaces the finalizer list, on the condition that the Secret did not change since it
-/// was read (a JSON patch `test` of its resourceVersion): others' finalizers are never lost.
-async fn patch_finalizers(
+/// Replaces the finalizer list and sets or removes the guard label, on the condition that
+/// the Secret did not change since it was read (a JSON patch `test` of its
+/// resourceVersion): others' finalizers and labels are never lost.
+async fn patch_guard(
     secrets: &Api<Secret>,
     secret: &Secret,
     finalizers: Vec<String>,
+    guarded: bool,
 ) -> Result<Secret, kube::Error> {
-    let patch: json_patch::Patch = serde_json::from_value(json!([
-        { "op": "test", "path": "/metadata/resourceVersion", "value": secret.resource_version() },
-        { "op": "add", "path": "/metadata/finalizers", "value": finalizers },
-    ]))
-    .expect("a valid JSON patch");
+    let mut ops = vec![
+        json!({ "op": "test", "path": "/metadata/resourceVersion", "value": secret.resource_version() }),
+        json!({ "op": "add", "path": "/metadata/finalizers", "value": finalizers }),
+    ];
+    let label_path = format!("/metadata/labels/{}", SECRET_GUARDED_LABEL.replace('~', "~0").replace('/', "~1"));
+    let labelled = secret.labels().contains_key(SECRET_GUARDED_LABEL);
+    match (guarded, secret.metadata.labels.is_some(), labelled) {
+        (true, true, _) => ops.push(json!({ "op": "add", "path": label_path, "value": "true" })),
+        (true, false, _) => {
+            ops.push(json!({ "op": "add", "path": "/metadata/labels", "value": { SECRET_GUARDED_LABEL: "true" } }))
+        }
+        (false, _, true) => ops.push(json!({ "op": "remove", "path": label_path })),
+        (false, _, false) => {}
+    }
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops)).expect("a valid JSON patch");
     let params = PatchParams { field_manager: Some(FIELD_MANAGER.to_string()), ..Default::default() };
     secrets.patch(&secret.name_any(), &params, &Patch::<()>::Json(patch)).await
 }
 
+/// Where [`sweep`] finds the guarded Secrets no Machine seems to use.
+pub enum SweepFrom<'a> {
+    /// Lists every Secret's metadata (at start: Secrets guarded before the label existed).
+    Api,
+    /// From the caches, with no API read unless a candidate turns up.
+    Caches { secrets: &'a SecretCache, machines: &'a kube::runtime::reflector::Store<DeserializeGuard<Machine>> },
+}
+
 /// Releases guarded Secrets that no Machine uses any more: what a controller stopped
 /// between letting a Machine go and releasing its Secrets left behind. Run now and then.
-pub async fn sweep(client: &kube::Client, namespace: Option<&str>) -> Result<(), kube::Error> {
-    let secrets: Api<Secret> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+/// A candidate is released only after a fresh list of its namespace's Machines agrees.
+pub async fn sweep(client: &kube::Client, namespace: Option<&str>, from: SweepFrom<'_>) -> Result<(), kube::Error> {
     let mut guarded: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    for secret in secrets.list_metadata(&ListParams::default()).await?.items {
-        if secret.finalizers().iter().any(|f| f == SECRET_FINALIZER) {
-            guarded.entry(secret.namespace().unwrap_or_default()).or_default().push(secret.name_any());
+    match from {
+        SweepFrom::Api => {
+            let secrets: Api<Secret> = match namespace {
+                Some(ns) => Api::namespaced(client.clone(), ns),
+                None => Api::all(client.clone()),
+            };
+            for secret in secrets.list_metadata(&ListParams::default()).await?.items {
+                if secret.finalizers().iter().any(|f| f == SECRET_FINALIZER) {
+                    guarded.entry(secret.namespace().unwrap_or_default()).or_default().push(secret.name_any());
+                }
+            }
+        }
+        SweepFrom::Caches { secrets, machines } => {
+            let machines = machines.state();
+            for secret in secrets.state() {
+                let (ns, name) = (secret.namespace(), secret.name_any());
+                let used =
+                    machines.iter().any(|m| m.0.as_ref().map_or(true, |m| m.namespace() == ns && m.uses_secret(&name)));
+                if !used {
+                    guarded.entry(ns.unwrap_or_default()).or_default().push(name);
+                }
+            }
         }
     }
     for (ns, names) in guarded {
@@ -156,11 +258,13 @@ pub async fn release_unused(ctx: &Context, machine: &Machine, names: impl IntoIt
 async fn release(secrets: &Api<Secret>, name: &str) -> Result<(), kube::Error> {
     for attempt in 0..2 {
         let Some(secret) = secrets.get_opt(name).await? else { return Ok(()) };
-        if !secret.finalizers().iter().any(|f| f == SECRET_FINALIZER) {
+        if !secret.finalizers().iter().any(|f| f == SECRET_FINALIZER)
+            && !secret.labels().contains_key(SECRET_GUARDED_LABEL)
+        {
             return Ok(());
         }
         let finalizers: Vec<String> = secret.finalizers().iter().filter(|f| *f != SECRET_FINALIZER).cloned().collect();
-        match patch_finalizers(secrets, &secret, finalizers).await {
+        match patch_guard(secrets, &secret, finalizers, false).await {
             Ok(_) => {
                 info!(secret = name, "no Machine uses the Secret any more: released it");
                 return Ok(());

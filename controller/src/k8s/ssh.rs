@@ -14,7 +14,7 @@ use machinist_drivers::ssh::{self, SshAuth, SshError, SshPrivateKey, SshTarget};
 use machinist_drivers::{Driver, DriverError, HostKeys};
 
 use super::machine::Context;
-use crate::api::{FIELD_MANAGER, Machine, SECRET_FINALIZER, SecretUse, machine_labels};
+use crate::api::{FIELD_MANAGER, Machine, SECRET_FINALIZER, SECRET_GUARDED_LABEL, SecretUse, machine_labels};
 use crate::reconcile::{self, HostKeyTrust, Outcome, SshFailure};
 
 /// How long each SSH step (connect, login, command) of a readiness check may take.
@@ -57,8 +57,7 @@ pub async fn machine_key(machine: &Machine, ctx: &Context) -> Result<(MachineKey
 
     let name = generated_secret_name(machine);
     let uid = machine.uid().unwrap_or_default();
-    let existing = secrets
-        .get_opt(&name)
+    let existing = super::secrets::fetch(ctx, &secrets, &ns, &name)
         .await
         .map_err(|e| DriverError::transient(format!("reading the SSH key Secret {ns}/{name}: {e}")))?;
     let secret = match existing {
@@ -68,7 +67,11 @@ pub async fn machine_key(machine: &Machine, ctx: &Context) -> Result<(MachineKey
             let secret = Secret {
                 metadata: ObjectMeta {
                     name: Some(name.clone()),
-                    labels: Some(machine_labels(&machine.name_any())),
+                    labels: Some({
+                        let mut labels = machine_labels(&machine.name_any());
+                        labels.insert(SECRET_GUARDED_LABEL.to_string(), "true".to_string());
+                        labels
+                    }),
                     owner_references: Some(vec![owner_reference(machine)]),
                     // Guarded from the start, like every Secret a Machine uses; released
                     // when the Machine is, and then garbage-collected with it.

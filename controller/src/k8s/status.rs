@@ -8,7 +8,8 @@ use serde_json::json;
 
 use crate::api::{FIELD_MANAGER, Machine, MachineStatus};
 
-/// The resourceVersions of machinist's own recent status writes.
+/// The resourceVersions of machinist's own recent writes to a Machine (its status, its
+/// finalizer).
 ///
 /// Only machinist writes a Machine's status. A reconcile woken by one of its own writes
 /// can start from a cached object older than a later write; deciding from that would
@@ -48,7 +49,7 @@ impl WrittenStatuses {
         false
     }
 
-    fn record(&self, uid: String, version: String) {
+    pub(super) fn record(&self, uid: String, version: String) {
         let now = Instant::now();
         let mut written = self.0.lock().expect("not poisoned");
         if written.swept.is_none_or(|t| now.duration_since(t) > Duration::from_secs(1)) {

@@ -6,15 +6,13 @@ use machinist_drivers::{DriverError, Operation, State};
 
 use super::backoff::jittered;
 use super::summary::{
-    condition_is, condition_reason, conditions, duration_between, error_reason, held_back, last_operation,
-    observation_retry_pending, record_failure, record_failure_parts, record_host_key_mismatch, record_secrets,
-    script_sha256, ssh_conditions, ssh_ready, summarize_ready,
+    condition_is, condition_reason, conditions, error_reason, held_back, last_operation, observation_retry_pending,
+    record_failure, record_failure_parts, record_host_key_mismatch, record_secrets, ssh_conditions, summarize_ready,
 };
-use super::{Cause, Input, Note, Observed, Outcome, Plan, Planned, Step, host_key};
+use super::{Cause, Input, Note, Observed, Outcome, Plan, Planned, Step, host_key, power};
 
 use crate::api::{
-    ACCEPT_HOST_KEY_ANNOTATION, ConditionType, MachineStatus, OperationResult, Phase, PowerState, ProvisioningStatus,
-    RestartMode, StopMode, get_condition,
+    ACCEPT_HOST_KEY_ANNOTATION, ConditionType, MachineStatus, OperationResult, Phase, ProvisioningStatus, get_condition,
 };
 
 /// How many SSH checks in a row may fail before machinist stops retrying (with the
@@ -145,7 +143,6 @@ fn plan_instance(
     addresses: Option<Vec<machinist_drivers::Address>>,
 ) -> Plan {
     let machine = input.machine;
-    let spec = &machine.spec;
     let settings = input.settings;
     if status.provider_id.is_none() {
         notes.push(Note::normal(
@@ -155,7 +152,6 @@ fn plan_instance(
         ));
     }
     status.provider_id = Some(id.clone());
-    let previous_state = before.state;
     status.state = Some(state);
     if let Some(secret) = &input.ssh_key_secret {
         status.ssh.get_or_insert_default().key_secret_name = Some(secret.clone());
@@ -184,250 +180,9 @@ fn plan_instance(
     c.set(ConditionType::InstanceCreated, true, "Created", format!("instance {id} exists"));
     ssh_conditions(&mut c, machine, driver_name, input.offers_ssh);
 
-    let mut restart =
-        spec.restart_request.as_ref().filter(|r| before.last_restart_request.as_ref() != Some(*r)).cloned();
-    // A restart begun for this very request whose result never reached the status. Where
-    // the driver can tell, it is done exactly once; else it may or may not have happened,
-    // and is never repeated: handled, and said.
-    let interrupted = restart_intent_since(machine).and(restart.clone());
-    match (interrupted.clone(), input.power_changed_since_intent) {
-        (Some(_), Some(false)) => {
-            // Nothing happened since the intent: the call was never made. Made now.
-        }
-        (Some(request), Some(true)) => {
-            notes.push(Note::normal(
-                "Restarted",
-                "Restart",
-                format!(
-                    "the restart for spec.restartRequest {request:?} was interrupted before its result was recorded; \
-                     the provider shows the instance's power changed since, so it happened and is not repeated"
-                ),
-            ));
-            c.status.last_restart_request = Some(request);
-            restart = None;
-        }
-        (Some(request), None) => {
-            notes.push(Note::warning(
-                "RestartInterrupted",
-                "Restart",
-                format!(
-                    "the restart for spec.restartRequest {request:?} was interrupted before its result was recorded \
-                     (machinist stopped, or could not write the status); the {driver_name} driver cannot tell whether \
-                     it happened, and it is not repeated. Set spec.restartRequest to a new value to restart again"
-                ),
-            ));
-            c.status.last_restart_request = Some(request);
-            restart = None;
-        }
-        (None, _) => {}
-    }
-    // Only `begin` records an intent, for the call it shows; any other is done with.
-    c.status.restart_request_in_progress = None;
-    let last_op = before.last_operation.as_ref();
-    let restarting = before.phase == Some(Phase::Restarting);
-    let progress = Some(settings.progress_interval);
-
-    // (step, phase, PowerStateSynced reason and message when not in sync)
-    let mut step: Option<Planned> = None;
-    let mut requeue = progress;
-    // The Event of a Kill for a stop timeout, published only when the Kill is made.
-    let mut escalation: Option<Note> = None;
-    let phase;
-    // A stop of machinist's own that the guest has not obeyed yet, while the provider
-    // still reports the instance up (providers that power off by ACPI report Running
-    // until the guest does): it is stopping, whatever the provider says. No second Stop;
-    // the Kill comes after stopTimeoutSeconds, counted from that Stop.
-    // So is the Kill of a hard restart, until Stopped is observed; one seen up again past
-    // stopTimeoutSeconds was killed and runs again (started by someone else): nothing
-    // more to do, and never a second Kill.
-    // (An operation begun whose call the driver shows was never made is not pending.)
-    let never_made = interrupted.is_some() && input.power_changed_since_intent == Some(false);
-    let own_stop = |phase: Phase, operations: &[Operation]| {
-        before.phase == Some(phase)
-            && !never_made
-            && last_op.is_some_and(|op| operations.contains(&op.operation) && op.result != OperationResult::Failed)
-    };
-    let killed_long_ago = last_op.is_some_and(|op| duration_between(op.time.0, input.now) >= spec.stop_timeout());
-    let own_stop_pending = matches!(state, State::Running | State::Paused | State::Saved)
-        && match spec.power_state {
-            PowerState::Stopped => own_stop(Phase::Stopping, &[Operation::Stop, Operation::Kill]),
-            PowerState::Running => own_stop(Phase::Restarting, &[Operation::Kill]) && !killed_long_ago,
-        };
-    let state = if own_stop_pending { State::Stopping } else { state };
-    match (spec.power_state, state) {
-        (PowerState::Running, State::Running) => {
-            if let Some(request) = restart {
-                let s = match spec.restart_mode {
-                    RestartMode::Soft => Step::Restart,
-                    // Kill now; Start once the instance is observed stopped.
-                    RestartMode::Hard => Step::Kill,
-                };
-                step = Some(Planned { step: s, cause: Cause::RestartRequest(request) });
-                phase = Phase::Restarting;
-                c.set(ConditionType::PowerStateSynced, false, "Restarting", "restarting as spec.restartRequest asks");
-            } else {
-                phase = Phase::Running;
-                c.set(ConditionType::PowerStateSynced, true, "Running", "running as desired");
-                let provisioning = spec.provisioning.as_ref().map(|p| script_sha256(&p.script));
-                let provisioned =
-                    |sha: &String| c.status.provisioning.as_ref().is_some_and(|p| &p.script_sha256 == sha);
-                if input.offers_ssh && !ssh_ready(c.status) {
-                    step = Some(Planned { step: Step::CheckSsh, cause: Cause::Converge });
-                } else if let Some(sha256) = provisioning.filter(|sha| input.offers_ssh && !provisioned(sha)) {
-                    step = Some(Planned { step: Step::Provision { sha256 }, cause: Cause::Converge });
-                } else {
-                    requeue = Some(jittered(settings.poll_interval, input.jitter));
-                }
-            }
-        }
-        (PowerState::Running, State::Stopped | State::Paused | State::Saved) => {
-            // Not drift when machinist itself stopped it (and powerState flipped back since).
-            let drift = previous_state == Some(State::Running)
-                && !restarting
-                && last_op.is_none_or(|op| {
-                    op.result == OperationResult::Succeeded
-                        && !matches!(op.operation, Operation::Stop | Operation::Kill)
-                });
-            let cause = match restart {
-                // A restart of a stopped machine is a start.
-                Some(request) => Cause::RestartRequest(request),
-                None if drift => Cause::Drift,
-                None => Cause::Converge,
-            };
-            let message = match cause {
-                Cause::Drift => {
-                    format!("the instance was found {state} out of band while spec.powerState is Running; starting it")
-                }
-                _ => format!("the instance is {state}; starting it"),
-            };
-            if cause == Cause::Drift {
-                notes.push(Note::warning("StoppedOutOfBand", "Start", message.clone()));
-            }
-            c.set(ConditionType::PowerStateSynced, false, "Starting", message);
-            step = Some(Planned { step: Step::Start, cause });
-            phase = Phase::Starting;
-        }
-        (PowerState::Running, State::Starting) => {
-            phase = if restarting { Phase::Restarting } else { Phase::Starting };
-            c.set(ConditionType::PowerStateSynced, false, "Starting", "waiting for the instance to finish starting");
-        }
-        (PowerState::Stopped, State::Stopped) => {
-            phase = Phase::Stopped;
-            c.set(ConditionType::PowerStateSynced, true, "Stopped", "stopped as desired");
-            requeue = Some(jittered(settings.poll_interval, input.jitter));
-            if let Some(request) = restart {
-                skip_restart(&mut status, &mut notes, request);
-            }
-        }
-        (PowerState::Stopped, State::Running | State::Paused | State::Saved) => {
-            if let Some(request) = restart {
-                skip_restart(&mut status, &mut notes, request);
-            }
-            let mut c = super::summary::conditions(&mut status, machine, input.now);
-            let s = match spec.stop_mode {
-                StopMode::Graceful => Step::Stop { escalate_after: spec.stop_timeout() },
-                StopMode::Force => Step::Kill,
-            };
-            c.set(ConditionType::PowerStateSynced, false, "Stopping", format!("the instance is {state}; stopping it"));
-            step = Some(Planned { step: s, cause: Cause::Converge });
-            phase = Phase::Stopping;
-        }
-        (desired, State::Stopping) => {
-            phase = if restarting && desired == PowerState::Running { Phase::Restarting } else { Phase::Stopping };
-            // A stop that does not finish is killed after the stop timeout, counted from
-            // machinist's own Stop or Kill, else from when the power state went out of
-            // sync: never an endless wait (a failed Kill, a failed observation, a hung
-            // stop while Running is desired again).
-            let graceful = last_op.filter(|op| op.operation == Operation::Stop && op.result != OperationResult::Failed);
-            let own = last_op.filter(|op| {
-                matches!(op.operation, Operation::Stop | Operation::Kill) && op.result != OperationResult::Failed
-            });
-            let out_of_sync = get_condition(&before.conditions, ConditionType::PowerStateSynced)
-                .filter(|p| p.status != "True")
-                .map(|p| p.last_transition_time.0);
-            let since = own.map(|op| op.time.0).or(out_of_sync).unwrap_or(input.now);
-            let waited = duration_between(since, input.now);
-            let timeout = spec.stop_timeout();
-            let what = if graceful.is_some() { "graceful stop" } else { "stop" };
-            if waited >= timeout {
-                escalation = Some(Note::warning(
-                    "StopTimedOut",
-                    "Kill",
-                    format!("the {what} did not finish within {}s; killing the instance", timeout.as_secs()),
-                ));
-                c.set(
-                    ConditionType::PowerStateSynced,
-                    false,
-                    "Stopping",
-                    format!("the {what} timed out; killing the instance"),
-                );
-                step = Some(Planned { step: Step::Kill, cause: Cause::StopTimeout });
-            } else {
-                let message = match (graceful, desired) {
-                    (Some(_), _) => format!("waiting for the graceful stop (killed after {}s)", timeout.as_secs()),
-                    (None, PowerState::Stopped) => "waiting for the instance to finish stopping".to_string(),
-                    (None, PowerState::Running) => {
-                        "waiting for the instance to finish stopping before starting it again".to_string()
-                    }
-                };
-                c.set(ConditionType::PowerStateSynced, false, "Stopping", message);
-                requeue = Some((timeout - waited).min(settings.progress_interval).max(Duration::from_millis(200)));
-            }
-        }
-        (PowerState::Stopped, State::Starting) => {
-            phase = Phase::Starting;
-            c.set(
-                ConditionType::PowerStateSynced,
-                false,
-                "Starting",
-                "waiting for the instance to finish starting before stopping it",
-            );
-        }
-        (_, State::Error) => {
-            phase = Phase::Failed;
-            let message = "the provider reports the instance in state Error; look at it in the provider's console";
-            if !condition_is(c.status, ConditionType::PowerStateSynced, "InstanceError", message) {
-                notes.push(Note::warning("InstanceError", "Observe", message));
-            }
-            c.set(ConditionType::PowerStateSynced, false, "InstanceError", message);
-            requeue = Some(jittered(settings.poll_interval, input.jitter).min(Duration::from_secs(30)));
-        }
-        (_, State::None | State::Timeout | State::NotFound) => {
-            phase = before.phase.unwrap_or(Phase::Pending);
-            c.unknown(ConditionType::PowerStateSynced, "StateUnknown", format!("the driver reports state {state}"));
-        }
-    }
-
-    // A recent failure holds the step back until its retry is due.
-    let mut held = false;
-    if step.is_some()
-        && let Some(wait) = held_back(&before, machine, input.now)
-    {
-        {
-            step = None;
-            held = true;
-            requeue = match wait {
-                Some(delay) => Some(delay),
-                // Not retried until the spec changes (unsupported, invalid): keep the
-                // failure's explanation, and keep watching the instance's state.
-                None => {
-                    let kept = get_condition(&before.conditions, ConditionType::PowerStateSynced).cloned();
-                    if let Some(kept) = kept {
-                        status.conditions.retain(|c| c.type_ != kept.type_);
-                        status.conditions.push(kept);
-                        let order = |c: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition| {
-                            ConditionType::ALL.iter().position(|k| k.as_str() == c.type_).unwrap_or(usize::MAX)
-                        };
-                        status.conditions.sort_by_key(order);
-                    }
-                    Some(jittered(settings.poll_interval, input.jitter))
-                }
-            };
-        }
-    }
-    if step.is_some() {
-        notes.extend(escalation);
-    }
+    let (restart, never_made) = power::pending_restart(input, &before, &mut status, &mut notes, driver_name);
+    let power::PowerPlan { step, phase, requeue, held } =
+        power::plan_power(input, &before, &mut status, &mut notes, state, restart, never_made);
     let mut c = conditions(&mut status, machine, input.now);
     // (A step held back by a failure is not converged: its failure and retry stay.)
     if step.is_none()
@@ -479,31 +234,6 @@ fn pin_first_contact(status: &mut MachineStatus, notes: &mut Vec<Note>, input: &
     }
 }
 
-/// When the intent of a restart that may have been called but was never recorded was
-/// written: `status.restartRequestInProgress` names the current `spec.restartRequest`,
-/// which is not handled yet. The Kubernetes layer then asks the driver whether the
-/// instance's power changed since ([`Input::power_changed_since_intent`]).
-pub fn restart_intent_since(machine: &crate::api::Machine) -> Option<jiff::Timestamp> {
-    let status = machine.status.as_ref()?;
-    let request = machine.spec.restart_request.as_ref()?;
-    let intent = status.restart_request_in_progress.as_ref().filter(|r| *r == request)?;
-    if status.last_restart_request.as_ref() == Some(intent) {
-        return None;
-    }
-    // `begin` wrote the intent with the InProgress operation it shows, and its time.
-    let op = status.last_operation.as_ref()?;
-    Some(op.time.0)
-}
-
-fn skip_restart(status: &mut MachineStatus, notes: &mut Vec<Note>, request: String) {
-    notes.push(Note::normal(
-        "RestartSkipped",
-        "Restart",
-        format!("restart request {request:?} needs no restart: spec.powerState is Stopped"),
-    ));
-    status.last_restart_request = Some(request);
-}
-
 /// Folds the outcome of `planned` into the status decided by [`plan`].
 pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcome) -> Plan {
     let machine = input.machine;
@@ -536,7 +266,17 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
             // The status write wakes the next reconcile; this is the fallback.
             Plan { status, step: None, requeue: progress, notes }
         }
-        Outcome::Succeeded | Outcome::StopEscalated => {
+        Outcome::Unanswered { operation, called_at } => {
+            // Pending as it was begun: the stop escalates stopTimeoutSeconds after it.
+            let message = format!(
+                "asked the instance to stop gracefully; the provider did not answer within {}s",
+                machine.spec.stop_timeout().as_secs()
+            );
+            last_operation(&mut status, operation, OperationResult::InProgress, message, called_at);
+            status.phase = Some(Phase::Stopping);
+            Plan { status, step: None, requeue: progress, notes }
+        }
+        Outcome::Succeeded => {
             status.failures = None;
             // The Start that completes a hard restart: it follows that restart's Kill.
             let before = machine.status.as_ref();
@@ -545,14 +285,6 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
                     .and_then(|s| s.last_operation.as_ref())
                     .is_some_and(|op| op.operation == Operation::Kill && op.result == OperationResult::Succeeded);
             let (phase, reason, message) = match (&planned.step, &outcome) {
-                (_, Outcome::StopEscalated) => (
-                    Phase::Stopping,
-                    "StopTimedOut",
-                    format!(
-                        "the graceful stop did not finish within {}s; killed the instance",
-                        machine.spec.stop_timeout().as_secs()
-                    ),
-                ),
                 (Step::Start, _) if planned.cause == Cause::Drift => {
                     (Phase::Starting, "Started", "started the instance after it was stopped out of band".to_string())
                 }
@@ -563,9 +295,7 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
                         .to_string(),
                 ),
                 (Step::Start, _) => (Phase::Starting, "Started", "started the instance".to_string()),
-                (Step::Stop { .. }, _) => {
-                    (Phase::Stopping, "Stopped", "asked the instance to stop gracefully".to_string())
-                }
+                (Step::Stop, _) => (Phase::Stopping, "Stopped", "asked the instance to stop gracefully".to_string()),
                 (Step::Kill, _) if planned.cause == Cause::StopTimeout => (
                     Phase::Stopping,
                     "StopTimedOut",
@@ -588,10 +318,7 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
                     (Phase::Creating, "Succeeded", String::new())
                 }
             };
-            let operation = match outcome {
-                Outcome::StopEscalated => Operation::Kill,
-                _ => planned.step.operation(),
-            };
+            let operation = planned.step.operation();
             last_operation(&mut status, operation, OperationResult::Succeeded, message.clone(), now);
             // A hard restart is carried out by its Kill: bringing the instance back up is
             // ordinary convergence (Start once it is observed stopped).
@@ -605,7 +332,7 @@ pub fn record(input: &Input<'_>, plan: &Plan, planned: &Planned, outcome: Outcom
                     "the instance (re)started; SSH is checked again",
                 );
             }
-            if input.offers_ssh && matches!(planned.step, Step::Stop { .. } | Step::Kill) {
+            if input.offers_ssh && matches!(planned.step, Step::Stop | Step::Kill) {
                 conditions(&mut status, machine, now).unknown(
                     ConditionType::SSHReady,
                     "InstanceStopped",
@@ -770,7 +497,7 @@ pub fn begin(plan: &Plan, planned: &Planned, now: jiff::Timestamp) -> MachineSta
     let message = match &planned.step {
         Step::Create => "creating the instance",
         Step::Start => "starting the instance",
-        Step::Stop { .. } => "stopping the instance gracefully",
+        Step::Stop => "stopping the instance gracefully",
         Step::Kill if planned.cause == Cause::StopTimeout => "killing the instance: the graceful stop timed out",
         Step::Kill if matches!(planned.cause, Cause::RestartRequest(_)) => {
             "restarting the instance: killing it, then starting it once it is stopped (restartMode: Hard)"

@@ -8,14 +8,16 @@ mod backoff;
 mod decide;
 mod delete;
 mod host_key;
+mod power;
 mod summary;
 #[cfg(test)]
 mod tests;
 
 pub use backoff::{Settings, backoff_delay};
-pub use decide::{OUTPUT_LINES, OUTPUT_MAX_BYTES, begin, output_tail, plan, record, restart_intent_since};
+pub use decide::{OUTPUT_LINES, OUTPUT_MAX_BYTES, begin, output_tail, plan, record};
 pub use delete::{plan_cleanup, record_cleanup};
 pub use host_key::{HOST_KEY_MISMATCH, HostKeyTrust, accept_annotation_consumed, pinned, trusted_host_keys};
+pub use power::{addresses_stale, restart_intent_since};
 pub use summary::{instance_recorded, whole_seconds};
 
 use std::time::Duration;
@@ -69,10 +71,9 @@ pub struct Input<'a> {
 pub enum Step {
     Create,
     Start,
-    /// Graceful stop; if the call has not returned after `escalate_after`, Kill.
-    Stop {
-        escalate_after: Duration,
-    },
+    /// Graceful stop: one call, bounded by stopTimeoutSeconds. The Kill that follows a
+    /// stop not finished in time is a step of its own, counted from this Stop.
+    Stop,
     Kill,
     /// Soft restart (driver Restart). A hard one is a Kill, then (once Stopped is
     /// observed) a Start, each its own step.
@@ -92,7 +93,7 @@ impl Step {
         match self {
             Step::Create => Operation::Create,
             Step::Start => Operation::Start,
-            Step::Stop { .. } => Operation::Stop,
+            Step::Stop => Operation::Stop,
             Step::Kill => Operation::Kill,
             Step::Restart => Operation::Restart,
             Step::Remove => Operation::Remove,
@@ -128,7 +129,13 @@ pub enum Outcome {
     Created(String),
     Succeeded,
     /// A graceful stop did not return in time and the Kill that followed succeeded.
-    StopEscalated,
+    /// The call did not answer within its time and was left: it may still take effect
+    /// at the provider (a graceful stop the guest is slow to acknowledge). `called_at`
+    /// is when it was made, as `begin` showed it.
+    Unanswered {
+        operation: Operation,
+        called_at: Timestamp,
+    },
     /// `operation` failed (for a hard restart: Kill, or Start after a successful Kill).
     Failed {
         operation: Operation,

@@ -133,7 +133,7 @@ fn was(state: State) -> impl Fn(Machine) -> Machine {
 
 fn table() -> Vec<Row> {
     use PowerState::Stopped as DesiredStopped;
-    let stop300 = Step::Stop { escalate_after: secs(300) };
+    let stop300 = Step::Stop;
     vec![
         Row {
             name: "no instance: create",
@@ -685,7 +685,7 @@ fn a_step_under_way_does_not_set_observed_generation() {
 fn graceful_stop_escalates_after_stop_timeout_seconds() {
     let machine = was(State::Running)(Machine::test().with_power_state(PowerState::Stopped).with_stop_timeout(42));
     let plan = plan(&input(&machine, instance(State::Running)));
-    assert_eq!(plan.step, planned(Step::Stop { escalate_after: secs(42) }, Cause::Converge));
+    assert_eq!(plan.step, planned(Step::Stop, Cause::Converge));
 }
 
 /// A Machine that asked for a graceful stop at `stopped_at` and now sees the instance Stopping.
@@ -723,10 +723,10 @@ fn a_graceful_stop_the_guest_has_not_obeyed_is_not_sent_again_and_escalates_on_t
     // A failed Stop is no pending one: tried again (after its backoff).
     let failed = stopping_since(at(-10), None)
         .with_status(|s| s.last_operation = last_op(Operation::Stop, OperationResult::Failed, at(-10)));
-    assert!(matches!(plan_step(&failed, State::Running), Some(Step::Stop { .. })));
+    assert!(matches!(plan_step(&failed, State::Running), Some(Step::Stop)));
     // Stopped since, then started out of band: a new stop, once.
     let stopped_then_started = stopping_since(at(-10), None).with_status(|s| s.phase = Some(Phase::Stopped));
-    assert!(matches!(plan_step(&stopped_then_started, State::Running), Some(Step::Stop { .. })));
+    assert!(matches!(plan_step(&stopped_then_started, State::Running), Some(Step::Stop)));
 }
 
 fn plan_step(machine: &Machine, state: State) -> Option<Step> {
@@ -871,7 +871,7 @@ fn invalid_spec_names_the_field_and_warns_once() {
     // Fixed at a new generation: back to work at once.
     let fixed = feed(&machine, &second.status).with_generation(2).with_power_state(PowerState::Stopped);
     let third = plan(&input_at(&fixed, instance(State::Running), at(61)));
-    assert_eq!(third.step, planned(Step::Stop { escalate_after: secs(300) }, Cause::Converge));
+    assert_eq!(third.step, planned(Step::Stop, Cause::Converge));
     // Fixed outside the spec (a Secret it names appeared): at once too.
     let appeared =
         feed(&Machine::test(), &plan(&input(&Machine::test(), Observed::InvalidSpec(invalid_config()))).status);
@@ -938,8 +938,7 @@ fn drift_is_recorded_as_the_reason_of_the_start() {
 fn a_stop_by_machinist_is_not_drift() {
     // Stopped by machinist (Force: Kill), then spec.powerState flipped back to Running
     // before the next observation: the start is convergence, not an out-of-band stop.
-    for (mode, step) in [(StopMode::Force, Step::Kill), (StopMode::Graceful, Step::Stop { escalate_after: secs(300) })]
-    {
+    for (mode, step) in [(StopMode::Force, Step::Kill), (StopMode::Graceful, Step::Stop)] {
         let machine = was(State::Running)(Machine::test().with_power_state(PowerState::Stopped).with_stop_mode(mode));
         let (machine, _) = step_and_record(&machine, instance(State::Running), now(), Outcome::Succeeded);
         assert_eq!(machine.status.as_ref().unwrap().last_operation.as_ref().unwrap().operation, step.operation());
@@ -1328,14 +1327,29 @@ fn hard_restart_whose_start_failed_starts_again_and_never_kills_again() {
 }
 
 #[test]
-fn stop_escalated_is_recorded_as_a_kill() {
+fn a_stop_call_that_does_not_answer_in_time_is_pending_and_escalates_from_when_it_was_made() {
     let machine = was(State::Running)(Machine::test().with_power_state(PowerState::Stopped).with_stop_timeout(5));
-    let (machine, recorded) = step_and_record(&machine, instance(State::Running), now(), Outcome::StopEscalated);
-    let op = machine.status.as_ref().unwrap().last_operation.clone().unwrap();
-    assert_eq!((op.operation, op.result), (Operation::Kill, OperationResult::Succeeded));
-    assert_eq!(warnings(&recorded.notes), ["StopTimedOut"]);
-    let next = plan(&input_at(&machine, instance(State::Stopped), at(1)));
-    assert_eq!((next.step, next.status.phase), (None, Some(Phase::Stopped)));
+    let input = input(&machine, instance(State::Running));
+    let first = plan(&input);
+    assert_eq!(first.step, planned(Step::Stop, Cause::Converge));
+    let begun = begin(&first, first.step.as_ref().unwrap(), now());
+    let after = Input { now: at(5), ..input.clone() };
+    let recorded = record(
+        &after,
+        &first,
+        first.step.as_ref().unwrap(),
+        Outcome::Unanswered { operation: Operation::Stop, called_at: now() },
+    );
+    let op = recorded.status.last_operation.clone().unwrap();
+    assert_eq!((op.operation, op.result, op.time.0), (Operation::Stop, OperationResult::InProgress, now()));
+    assert!(recorded.notes.is_empty(), "{:?}", recorded.notes);
+    assert_eq!(recorded.status.phase, begun.phase);
+    // The provider still says Running: no second Stop; the Kill, 5 s after the Stop.
+    let machine = feed(&machine, &recorded.status);
+    assert_eq!(plan(&input_at(&machine, instance(State::Running), at(4))).step, None, "a second Stop");
+    let next = plan(&input_at(&machine, instance(State::Running), at(5)));
+    assert_eq!(next.step, planned(Step::Kill, Cause::StopTimeout));
+    assert_eq!(warnings(&next.notes), ["StopTimedOut"]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2120,7 +2134,7 @@ mod simulation {
                         self.performed(&planned.cause);
                         self.set_state(State::Starting);
                     }
-                    Step::Stop { .. } => {
+                    Step::Stop => {
                         self.call(Operation::Stop)?;
                         let state = self.instance.as_ref().map(|i| i.state);
                         if state != Some(State::Stopped) {
@@ -2688,4 +2702,27 @@ fn ssh_input(machine: &Machine) -> Input<'_> {
 
 fn ssh_observing(machine: &Machine, observed: Observed) -> Input<'_> {
     Input { offers_ssh: true, ..input_at(machine, observed, now()) }
+}
+
+#[test]
+fn addresses_are_looked_up_when_an_instance_comes_up_not_on_every_poll() {
+    let fresh = Machine::test();
+    assert!(addresses_stale(&fresh, State::Running), "never seen running");
+    assert!(!addresses_stale(&fresh, State::Stopped), "only a running instance has addresses to look up");
+    let running = was(State::Running)(Machine::test());
+    let address = Address { kind: AddressType::InternalIP, address: "192.0.2.1".into() };
+    let observed = Observed::Instance { id: PROVIDER_ID.into(), state: State::Running, addresses: Some(vec![address]) };
+    let polled = feed(&running, &plan(&input(&running, observed)).status);
+    assert!(!addresses_stale(&polled, State::Running), "a converged poll costs one driver call");
+    let started = polled.clone().with_status(|s| {
+        s.last_operation = Some(crate::api::LastOperation {
+            operation: Operation::Start,
+            result: OperationResult::Succeeded,
+            message: String::new(),
+            time: Time(now()),
+        });
+        s.conditions.retain(|c| c.type_ != "Ready");
+        crate::api::set_condition_status(&mut s.conditions, ConditionType::Ready, "False", "Starting", "", 1, now());
+    });
+    assert!(addresses_stale(&started, State::Running), "just started: new addresses");
 }

@@ -247,6 +247,51 @@ fn writes_by_kind(counts: &WriteCounts) -> BTreeMap<&'static str, u64> {
     by
 }
 
+/// How fast this client alone can make the writes a Machine needs to become Ready (its
+/// create, then one metadata patch and two status applies, as the controller makes them),
+/// with 64 Machines in flight and no controller: the ceiling to compare the controller's
+/// rate with, measured in the same run since it varies between runs.
+async fn write_ceiling(client: &Client, n: usize) -> Result<f64> {
+    let namespace = format!("ceiling-{n}-{:04x}", rand::random::<u16>());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}}))?;
+    namespaces.create(&PostParams::default(), &ns).await?;
+    let api: Api<Machine> = Api::namespaced(client.clone(), &namespace);
+    let started = Instant::now();
+    stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                let name = format!("c{i:05}");
+                let m: Machine = serde_yaml::from_str(&format!(
+                    "apiVersion: machinist.dev/v1alpha1\nkind: Machine\nmetadata: {{name: {name}}}\nspec: {{driver: {{fake: {{}}}}}}\n"
+                ))?;
+                api.create(&PostParams::default(), &m).await?;
+                let labelled = serde_json::json!({"metadata": {"labels": {"ceiling": "true"}}});
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&labelled)).await?;
+                let apply = PatchParams::apply("ceiling").force();
+                for phase in ["Creating", "Running"] {
+                    let status = serde_json::json!({
+                        "apiVersion": "machinist.dev/v1alpha1", "kind": "Machine",
+                        "status": {"phase": phase, "providerID": format!("fake-{i:012x}")}
+                    });
+                    api.patch_status(&name, &apply, &Patch::Apply(&status)).await?;
+                }
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(64)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    // Gone before the controller's run starts, so the server is not busy deleting.
+    namespaces.delete(&namespace, &DeleteParams::default()).await?;
+    while namespaces.get_opt(&namespace).await?.is_some() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(rate)
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_once(
     client: &Client,
@@ -257,6 +302,7 @@ async fn run_once(
     n: usize,
     latency: u64,
 ) -> Result<()> {
+    let ceiling = write_ceiling(client, n).await?;
     let namespace = format!("scale-{n}-{latency}-{:04x}", rand::random::<u16>());
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}}))?;
@@ -268,6 +314,13 @@ async fn run_once(
     let api: Api<Machine> = Api::namespaced(client.clone(), &namespace);
 
     println!("\n== {n} Machines, fake driver latency {latency} ms, controller concurrency {}", args.concurrency);
+    // Every Machine names one credentials Secret, as Machines of one provider account do:
+    // the controller must not read it from the API on every poll.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &namespace);
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "credentials"}, "stringData": {"token": "scale"}
+    }))?;
+    secrets.create(&PostParams::default(), &secret).await?;
     if let Some(s) = server {
         s.reset_write_counts();
     }
@@ -280,7 +333,9 @@ async fn run_once(
     stream::iter(0..n)
         .map(|i| {
             let api = api.clone();
-            let yaml = format!("metadata: {{name: m{i:05}}}\nspec: {{driver: {{fake: {fake}}}}}\n");
+            let yaml = format!(
+                "metadata: {{name: m{i:05}}}\nspec: {{driver: {{fake: {fake}}}, credentialsSecretRef: {{name: credentials}}}}\n"
+            );
             async move {
                 let mut m: Machine =
                     serde_yaml::from_str(&format!("apiVersion: machinist.dev/v1alpha1\nkind: Machine\n{yaml}"))?;
@@ -294,11 +349,16 @@ async fn run_once(
     let created = started.elapsed();
     let ready_at = ready_watch.await??;
     let to_ready = ready_at - started;
+    let rate = n as f64 / to_ready.as_secs_f64();
     println!(
-        "created {n} in {:.2} s; all Ready after {:.2} s: {:.0} Machines/s",
+        "created {n} in {:.2} s; all Ready after {:.2} s: {rate:.0} Machines/s",
         created.as_secs_f64(),
         to_ready.as_secs_f64(),
-        n as f64 / to_ready.as_secs_f64()
+    );
+    println!(
+        "write ceiling of this run: {ceiling:.0} Machines/s (a create, a metadata patch and two status applies each, \
+         64 in flight, no controller); the controller reached {:.0} % of it",
+        rate / ceiling * 100.0
     );
 
     if let Some(s) = server {
@@ -323,6 +383,7 @@ async fn run_once(
     if let Some(s) = server {
         s.reset_write_counts();
     }
+    let reads_before = server.map(|s| s.read_counts());
     let status_before =
         process.metric("machinist_driver_call_duration_seconds_count{driver=\"fake\",operation=\"Status\"").await?;
     let idle_started = Instant::now();
@@ -335,6 +396,16 @@ async fn run_once(
         let by = writes_by_kind(&s.write_counts());
         let events = *by.get("events").unwrap_or(&0);
         println!("idle {idle:.0} s: {} writes, {events} events", by.values().sum::<u64>() - events);
+        let before = reads_before.unwrap_or_default();
+        let (mut reads, mut watches) = (0, 0);
+        for (key, count) in &s.read_counts().0 {
+            let new = count - before.0.get(key).copied().unwrap_or(0);
+            if key.ends_with(" WATCH") { watches += new } else { reads += new }
+        }
+        println!(
+            "idle: {:.3} API reads (GET, LIST) per Machine per minute; {reads} reads, {watches} watches (re)started",
+            reads as f64 / n as f64 / (idle / 60.0)
+        );
     }
     println!("idle: {:.2} driver Status calls per Machine per minute", status_calls / n as f64 / (idle / 60.0));
     println!(

@@ -31,6 +31,8 @@ pub type Body = BoxBody<Bytes, Infallible>;
 pub struct App {
     pub store: Arc<Store>,
     pub counters: Mutex<BTreeMap<String, u64>>,
+    /// Read requests, keyed `"<resource> GET|LIST|WATCH"`.
+    pub read_counters: Mutex<BTreeMap<String, u64>>,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     pub bookmark_interval: Duration,
     /// `ServerOptions::crd_warmup_429s`, and what is left of it per resource.
@@ -211,6 +213,11 @@ impl App {
         *c.entry(key).or_default() += 1;
     }
 
+    fn count_read(&self, key: String) {
+        let mut c = self.read_counters.lock().unwrap_or_else(|e| e.into_inner());
+        *c.entry(key).or_default() += 1;
+    }
+
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let body = match body.collect().await {
@@ -344,6 +351,13 @@ impl App {
                 None => rt.plural.clone(),
             };
             self.count(format!("{what} {method}"));
+        } else if *method == Method::GET {
+            let kind = match rp.name {
+                Some(_) => "GET",
+                None if rp.watch_prefix || truthy(q, "watch") => "WATCH",
+                None => "LIST",
+            };
+            self.count_read(format!("{} {kind}", rt.plural));
         }
         let dry_run = q.get("dryRun").is_some_and(|d| d == "All");
         let validation = q.get("fieldValidation").cloned().unwrap_or_else(|| "Warn".into());

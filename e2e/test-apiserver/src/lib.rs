@@ -213,6 +213,7 @@ impl TestApiServer {
         let app = Arc::new(http::App {
             store: store::Store::new(opts.history_limit),
             counters: Mutex::new(BTreeMap::new()),
+            read_counters: Mutex::new(BTreeMap::new()),
             shutdown: shutdown_rx.clone(),
             bookmark_interval: opts.bookmark_interval,
             warmup_429s: opts.crd_warmup_429s,
@@ -243,6 +244,12 @@ impl TestApiServer {
     /// A snapshot of the write-request counters.
     pub fn write_counts(&self) -> WriteCounts {
         WriteCounts(self.app.counters.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// A snapshot of the read-request counters, keyed `"<resource> GET|LIST|WATCH"`
+    /// (e.g. `"secrets GET"`; a watch counts once, when it starts).
+    pub fn read_counts(&self) -> WriteCounts {
+        WriteCounts(self.app.read_counters.lock().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
     pub fn reset_write_counts(&self) {
