@@ -162,6 +162,8 @@ pub async fn run(
         fence: fence.clone(),
         secret_cache: Some(secret_cache.clone()),
         secret_locks: Default::default(),
+        machine_cache: Some(store.clone()),
+        release_checks: Default::default(),
     });
     background.0.push(tokio::spawn(count_phases(store.clone(), metrics.clone())));
     background.0.push(tokio::spawn(sweep_secrets(

@@ -322,6 +322,8 @@ impl Harness {
             fence: Default::default(),
             secret_cache: None,
             secret_locks: Default::default(),
+            machine_cache: None,
+            release_checks: Default::default(),
         });
         Harness { server, ctx, _dir: dir }
     }

@@ -180,3 +180,31 @@ async fn a_changed_secret_wakes_the_machines_that_use_it_at_once() -> Result<()>
     env.start_controller();
     env.cleanup().await
 }
+
+/// Twenty Machines sharing one Secret, deleted at once: the Secret is released once the
+/// last is gone, after one fresh list of the namespace's Machines or so, not one list
+/// per Machine let go (which costs N lists of N Machines).
+#[tokio::test]
+async fn machines_sharing_a_secret_deleted_at_once_release_it_with_one_list() -> Result<()> {
+    let env = Env::new("secretburst").await?;
+    create_secret(&env, "creds").await?;
+    for i in 0..20 {
+        env.create(&with_credentials(&format!("m{i}"), "creds")).await?;
+    }
+    for i in 0..20 {
+        env.wait_ready(&format!("m{i}")).await?;
+    }
+    let lists = match env.backend {
+        Backend::TestServer(server) => Some((server, server.read_counts().get("machines", "LIST"))),
+        Backend::Cluster(_) => None,
+    };
+    for i in 0..20 {
+        env.machines.delete(&format!("m{i}"), &DeleteParams::default()).await?;
+    }
+    wait_secret(&env, "creds", "released", |s| s.is_some_and(|s| !guarded(s))).await?;
+    if let Some((server, before)) = lists {
+        let made = server.read_counts().get("machines", "LIST") - before;
+        ensure!(made <= 3, "{made} lists of the namespace's Machines to release one Secret");
+    }
+    env.cleanup().await
+}

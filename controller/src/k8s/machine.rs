@@ -40,6 +40,9 @@ pub struct Context {
     /// One reconcile at a time reads and guards a given Secret, so Machines that share
     /// one do not race to guard it (a conflict, and a wasted write, each).
     pub secret_locks: super::secrets::SecretLocks,
+    /// The controller's Machine cache, for what uses a Secret; `None`: ask the API.
+    pub machine_cache: Option<kube::runtime::reflector::Store<DeserializeGuard<Machine>>>,
+    pub release_checks: super::secrets::ReleaseChecks,
 }
 
 /// Consecutive reconciles of a Machine that failed on the Kubernetes API, so they back

@@ -218,19 +218,99 @@ pub async fn sweep(client: &kube::Client, namespace: Option<&str>, from: SweepFr
     Ok(())
 }
 
-/// Releases each of `names` that no other Machine in `machine`'s namespace uses. Asks
-/// the API, not the cache: of two Machines let go at once, the later one must see the
-/// earlier gone, or the Secret would keep its finalizer with no Machine left to remove it.
+/// Releases each of `names` that no other Machine in `machine`'s namespace uses, once
+/// `machine` no longer does (it was let go, or names other Secrets now).
+///
+/// Without the Machine cache, each Secret is checked against a fresh list at once. With
+/// it: a Secret another Machine uses, not being deleted, stays (that one releases it when
+/// it goes). Otherwise one check per Secret is scheduled a moment later, when the cache
+/// has seen the Machines deleted meanwhile go: a burst of N deletions sharing a Secret
+/// costs one list, not N lists of N Machines.
 pub async fn release_unused(ctx: &Context, machine: &Machine, names: impl IntoIterator<Item = String>) {
     let names: Vec<String> = names.into_iter().collect();
     if names.is_empty() {
         return;
     }
     let ns = machine.namespace().unwrap_or_default();
+    let Some(cache) = &ctx.machine_cache else {
+        release_confirmed(&ctx.client, &ns, names).await;
+        return;
+    };
     let uid = machine.uid();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let machines: Api<DeserializeGuard<Machine>> = Api::namespaced(ctx.client.clone(), &ns);
-    let others = match machines.list(&ListParams::default()).await {
+    for name in names {
+        let live_user = cache.state().iter().any(|other| match &other.0 {
+            Ok(m) => {
+                m.uid() != uid
+                    && m.namespace().as_deref() == Some(ns.as_str())
+                    && m.uses_secret(&name)
+                    && m.metadata.deletion_timestamp.is_none()
+            }
+            Err(_) => false,
+        });
+        if live_user {
+            debug!(secret = %name, "another Machine uses the Secret: it stays protected");
+            continue;
+        }
+        ctx.release_checks.schedule(ctx.client.clone(), cache.clone(), ns.clone(), name, uid.clone());
+    }
+}
+
+/// Secrets with a release check pending (keyed `namespace/name`), one at a time each,
+/// with the UIDs of the Machines let go meanwhile (the cache may show them a while yet).
+#[derive(Default)]
+pub struct ReleaseChecks(
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>>,
+);
+
+/// How long a release check waits for the cache to see the Machines deleted meanwhile.
+const RELEASE_CHECK_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl ReleaseChecks {
+    fn schedule(
+        &self,
+        client: kube::Client,
+        machines: kube::runtime::reflector::Store<DeserializeGuard<Machine>>,
+        ns: String,
+        name: String,
+        let_go: Option<String>,
+    ) {
+        let key = format!("{ns}/{name}");
+        {
+            let mut pending = self.0.lock().expect("not poisoned");
+            let scheduled = pending.contains_key(&key);
+            pending.entry(key.clone()).or_default().extend(let_go);
+            if scheduled {
+                return;
+            }
+        }
+        let pending = self.0.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(RELEASE_CHECK_DELAY).await;
+            let gone = pending.lock().expect("not poisoned").remove(&key).unwrap_or_default();
+            // A Machine still using it (even one being deleted) releases it when it goes.
+            let used = machines.state().iter().any(|m| match &m.0 {
+                Ok(m) => {
+                    m.namespace().as_deref() == Some(ns.as_str())
+                        && m.uses_secret(&name)
+                        && m.uid().is_none_or(|uid| !gone.contains(&uid))
+                }
+                Err(_) => true,
+            });
+            if !used {
+                release_confirmed(&client, &ns, vec![name]).await;
+            }
+        });
+    }
+}
+
+/// Releases each of `names` that a fresh list of the namespace's Machines shows unused.
+/// Asks the API, not the cache: of two Machines let go at once, the later one must see
+/// the earlier gone, or the Secret would keep its finalizer with no Machine left to
+/// remove it.
+async fn release_confirmed(client: &kube::Client, ns: &str, names: Vec<String>) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let machines: Api<DeserializeGuard<Machine>> = Api::namespaced(client.clone(), ns);
+    let users = match machines.list(&ListParams::default()).await {
         Ok(list) => list.items,
         Err(error) => {
             warn!(%error, "could not list the Machines using Secrets; they stay protected for now");
@@ -238,12 +318,9 @@ pub async fn release_unused(ctx: &Context, machine: &Machine, names: impl IntoIt
         }
     };
     for name in names {
-        let used_elsewhere = others.iter().any(|other| match &other.0 {
-            Ok(m) => m.uid() != uid && m.uses_secret(&name),
-            // One that cannot be read may use it: keep it.
-            Err(_) => true,
-        });
-        if used_elsewhere {
+        // One that cannot be read may use it: keep it.
+        let used = users.iter().any(|m| m.0.as_ref().map_or(true, |m| m.uses_secret(&name)));
+        if used {
             debug!(secret = %name, "another Machine uses the Secret: it stays protected");
             continue;
         }

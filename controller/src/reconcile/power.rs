@@ -173,9 +173,13 @@ pub(super) fn plan_power(
                 skip_restart(status, notes, request);
             }
             let mut c = conditions(status, machine, input.now);
+            // A Kill of this stop that failed is retried (after its backoff): a stop
+            // escalated once is never taken back to a graceful Stop.
+            let kill_failed = before.phase == Some(Phase::Stopping)
+                && last_op.is_some_and(|op| op.operation == Operation::Kill && op.result == OperationResult::Failed);
             let s = match spec.stop_mode {
-                StopMode::Graceful => Step::Stop,
-                StopMode::Force => Step::Kill,
+                StopMode::Graceful if !kill_failed => Step::Stop,
+                StopMode::Graceful | StopMode::Force => Step::Kill,
             };
             c.set(ConditionType::PowerStateSynced, false, "Stopping", format!("the instance is {state}; stopping it"));
             step = Some(Planned { step: s, cause: Cause::Converge });

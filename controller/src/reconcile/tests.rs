@@ -1970,6 +1970,11 @@ mod simulation {
         crashed: BTreeSet<String>,
         /// An out-of-band stop happened since the instance was last seen running.
         stopped_out_of_band: bool,
+        /// machinist's Stop went through and Stopped has not been observed since (nor
+        /// was Running asked for again): no second Stop.
+        stop_pending: bool,
+        /// machinist's Kill went through and Stopped has not been observed since: no Start.
+        killed_not_seen_stopped: bool,
         log: Vec<String>,
     }
 
@@ -2000,6 +2005,8 @@ mod simulation {
                 performed: BTreeMap::new(),
                 crashed: BTreeSet::new(),
                 stopped_out_of_band: false,
+                stop_pending: false,
+                killed_not_seen_stopped: false,
                 log: Vec::new(),
             }
         }
@@ -2037,6 +2044,8 @@ mod simulation {
             self.settle();
             match event {
                 Event::OutOfBand(state) => {
+                    // Someone else changed it: what follows a Kill is theirs to decide.
+                    self.killed_not_seen_stopped = false;
                     if self.instance.is_some() {
                         if !matches!(state, State::Running | State::Starting) {
                             self.stopped_out_of_band = true;
@@ -2044,8 +2053,13 @@ mod simulation {
                         self.set_state(*state);
                     }
                 }
-                Event::Vanish => self.instance = None,
+                Event::Vanish => {
+                    self.instance = None;
+                    self.stop_pending = false;
+                    self.killed_not_seen_stopped = false;
+                }
                 Event::FlipDesired => {
+                    self.stop_pending = false;
                     let spec = &mut self.machine.spec;
                     spec.power_state = match spec.power_state {
                         PowerState::Running => PowerState::Stopped,
@@ -2136,6 +2150,7 @@ mod simulation {
                     }
                     Step::Stop => {
                         self.call(Operation::Stop)?;
+                        self.stop_pending = true;
                         let state = self.instance.as_ref().map(|i| i.state);
                         if state != Some(State::Stopped) {
                             self.set_state(State::Stopping);
@@ -2150,7 +2165,9 @@ mod simulation {
                         self.call(Operation::Kill)?;
                         // A hard restart is carried out at its Kill.
                         self.performed(&planned.cause);
-                        self.set_state(State::Stopped);
+                        self.killed_not_seen_stopped = true;
+                        // Like EC2's force stop: Stopping for a while, then Stopped.
+                        self.set_state(State::Stopping);
                     }
                     Step::Restart => {
                         self.call(Operation::Restart)?;
@@ -2211,6 +2228,23 @@ mod simulation {
             if let Observed::Instance { state: State::Running, .. } = observed {
                 self.stopped_out_of_band = false;
             }
+            if let Observed::Instance { state: State::Stopped | State::NotFound, .. } = observed {
+                self.stop_pending = false;
+                self.killed_not_seen_stopped = false;
+            }
+            // Seen starting: someone started it again since; that Stop is over.
+            if let Observed::Instance { state: State::Starting, .. } = observed {
+                self.stop_pending = false;
+            }
+            // (e) No second Stop while one is pending; (f) no Start after a Kill before
+            // Stopped is observed.
+            let planned_step = plan.step.as_ref().map(|p| &p.step);
+            assert!(!(self.stop_pending && planned_step == Some(&Step::Stop)), "a second Stop\n{}", self.history());
+            assert!(
+                !(self.killed_not_seen_stopped && planned_step == Some(&Step::Start)),
+                "Start before Stopped was observed after a Kill\n{}",
+                self.history()
+            );
             if self.tells_power_changes {
                 assert!(!reasons(&plan.notes).contains(&"RestartInterrupted"), "{}", self.history());
             }
@@ -2725,4 +2759,28 @@ fn addresses_are_looked_up_when_an_instance_comes_up_not_on_every_poll() {
         crate::api::set_condition_status(&mut s.conditions, ConditionType::Ready, "False", "Starting", "", 1, now());
     });
     assert!(addresses_stale(&started, State::Running), "just started: new addresses");
+}
+
+#[test]
+fn a_failed_escalation_kill_is_retried_never_replaced_by_a_second_stop() {
+    let machine = was(State::Running)(Machine::test().with_power_state(PowerState::Stopped).with_stop_timeout(5));
+    // The Stop goes through; the provider keeps reporting Running (ACPI).
+    let (machine, _) = step_and_record(&machine, instance(State::Running), now(), Outcome::Succeeded);
+    let escalate = input_at(&machine, instance(State::Running), at(5));
+    let kill = plan(&escalate);
+    assert_eq!(kill.step, planned(Step::Kill, Cause::StopTimeout));
+    let failed = record(
+        &escalate,
+        &kill,
+        kill.step.as_ref().unwrap(),
+        Outcome::Failed { operation: Operation::Kill, error: DriverError::transient("the provider is busy") },
+    );
+    let machine = feed(&machine, &begin(&kill, kill.step.as_ref().unwrap(), at(5)));
+    let machine = feed(&machine, &failed.status);
+    for t in [6, 30, 400] {
+        let next = plan(&input_at(&machine, instance(State::Running), at(t)));
+        assert_ne!(next.step.as_ref().map(|p| &p.step), Some(&Step::Stop), "a second Stop at {t}s");
+    }
+    let retried = plan(&input_at(&machine, instance(State::Running), at(400)));
+    assert_eq!(retried.step.map(|p| p.step), Some(Step::Kill), "the Kill is retried after its backoff");
 }
