@@ -224,6 +224,45 @@ async fn an_ec2_hard_restart_interrupted_after_its_kill_is_made_exactly_once() -
     env.cleanup().await
 }
 
+/// A soft restart (RebootInstances) that reached EC2, but whose answer never reached the
+/// controller: EC2 keeps no trace of a reboot that machinist could check, so the restart
+/// is at most once. It is not repeated, and a Warning says it may not have happened.
+#[tokio::test]
+async fn an_ec2_soft_restart_interrupted_after_its_call_is_not_repeated_and_said() -> Result<()> {
+    let moto = Moto::start();
+    let proxy = loopback_proxy(&moto);
+    proxy.rewrite_launch_time("2020-01-01T00:00:00.000Z");
+    let (_refusing, port) = refusing_port()?;
+    let client = ec2(&moto).await;
+    let mut env = Env::new("ec2-rebootcrash").await?;
+    aws_secret(&env).await?;
+    let m = env.create(&ec2_machine("web", &proxy, port, None)).await?;
+    let uid = m.uid().unwrap();
+    provider_id(&env, "web").await?;
+    env.wait_for("web", "running", Duration::from_secs(60), |m| state_of(m) == Some(State::Running)).await?;
+
+    proxy.delay_answer("RebootInstances", Duration::from_secs(60));
+    env.patch("web", json!({ "spec": { "restartMode": "Soft", "restartRequest": "r1" } })).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while proxy.count("RebootInstances") == 0 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the reboot never reached EC2");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.abort_controller();
+    proxy.delay_answer("RebootInstances", Duration::ZERO);
+    env.start_controller();
+    let note = env.wait_event("web", "RestartInterrupted").await?.note.unwrap_or_default();
+    anyhow::ensure!(note.contains("cannot tell whether it happened"), "{note}");
+    env.wait_for("web", "r1 handled", Duration::from_secs(60), |m| {
+        m.status.as_ref().is_some_and(|s| s.last_restart_request.as_deref() == Some("r1"))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure_eq(proxy.count("RebootInstances"), 1, "Restart calls")?;
+    delete_leaving_nothing(&env, &client, "web", &uid).await?;
+    env.cleanup().await
+}
+
 // The console-pinned path: a real sshd on loopback, the proxy serving the console.
 
 #[tokio::test]
