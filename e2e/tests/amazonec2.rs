@@ -178,24 +178,40 @@ async fn a_controller_killed_between_run_instances_and_the_status_write_leaves_o
     env.cleanup().await
 }
 
+/// A running amazonec2 Machine `web` on moto behind the loopback proxy, launched (as the
+/// proxy says) long ago: only a stop's own trace can show a power change since.
+struct RunningWeb {
+    _moto: Moto,
+    proxy: machinist_test_moto::FaultProxy,
+    _refusing: tokio::net::TcpSocket,
+    client: aws_sdk_ec2::Client,
+    env: Env,
+    uid: String,
+    id: String,
+}
+
+async fn running_web(test: &str) -> Result<RunningWeb> {
+    let moto = Moto::start();
+    let proxy = loopback_proxy(&moto);
+    proxy.rewrite_launch_time("2020-01-01T00:00:00.000Z");
+    let (refusing, port) = refusing_port()?;
+    let client = ec2(&moto).await;
+    let env = Env::new(test).await?;
+    aws_secret(&env).await?;
+    let m = env.create(&ec2_machine("web", &proxy, port, None)).await?;
+    let uid = m.uid().unwrap();
+    let id = provider_id(&env, "web").await?;
+    env.wait_for("web", "running", Duration::from_secs(60), |m| state_of(m) == Some(State::Running)).await?;
+    Ok(RunningWeb { _moto: moto, proxy, _refusing: refusing, client, env, uid, id })
+}
+
 /// A hard restart whose Kill (StopInstances) took effect, but whose answer never reached
 /// the controller: it was killed meanwhile. EC2's state transition reason shows the
 /// user-initiated stop, so the next controller knows the restart happened: one Kill, one
 /// Start, no reboot, and no warning that it may not have happened.
 #[tokio::test]
 async fn an_ec2_hard_restart_interrupted_after_its_kill_is_made_exactly_once() -> Result<()> {
-    let moto = Moto::start();
-    let proxy = loopback_proxy(&moto);
-    let (_refusing, port) = refusing_port()?;
-    let client = ec2(&moto).await;
-    // Launched long ago, so only the stop's own trace can tell.
-    proxy.rewrite_launch_time("2020-01-01T00:00:00.000Z");
-    let mut env = Env::new("ec2-restartcrash").await?;
-    aws_secret(&env).await?;
-    let m = env.create(&ec2_machine("web", &proxy, port, None)).await?;
-    let uid = m.uid().unwrap();
-    let id = provider_id(&env, "web").await?;
-    env.wait_for("web", "running", Duration::from_secs(60), |m| state_of(m) == Some(State::Running)).await?;
+    let RunningWeb { _moto, proxy, _refusing, client, mut env, uid, id } = running_web("ec2-restartcrash").await?;
 
     proxy.delay_answer("StopInstances", Duration::from_secs(60));
     env.patch("web", json!({ "spec": { "restartMode": "Hard", "restartRequest": "r1" } })).await?;
@@ -229,17 +245,7 @@ async fn an_ec2_hard_restart_interrupted_after_its_kill_is_made_exactly_once() -
 /// is at most once. It is not repeated, and a Warning says it may not have happened.
 #[tokio::test]
 async fn an_ec2_soft_restart_interrupted_after_its_call_is_not_repeated_and_said() -> Result<()> {
-    let moto = Moto::start();
-    let proxy = loopback_proxy(&moto);
-    proxy.rewrite_launch_time("2020-01-01T00:00:00.000Z");
-    let (_refusing, port) = refusing_port()?;
-    let client = ec2(&moto).await;
-    let mut env = Env::new("ec2-rebootcrash").await?;
-    aws_secret(&env).await?;
-    let m = env.create(&ec2_machine("web", &proxy, port, None)).await?;
-    let uid = m.uid().unwrap();
-    provider_id(&env, "web").await?;
-    env.wait_for("web", "running", Duration::from_secs(60), |m| state_of(m) == Some(State::Running)).await?;
+    let RunningWeb { _moto, proxy, _refusing, client, mut env, uid, .. } = running_web("ec2-rebootcrash").await?;
 
     proxy.delay_answer("RebootInstances", Duration::from_secs(60));
     env.patch("web", json!({ "spec": { "restartMode": "Soft", "restartRequest": "r1" } })).await?;
