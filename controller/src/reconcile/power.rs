@@ -260,8 +260,8 @@ pub(super) fn plan_power(
 
 /// The observed state, except while machinist's own stop is pending. A stop the guest
 /// has not obeyed yet, while the provider still reports the instance up (providers that
-/// power off by ACPI report Running until the guest does): it is stopping, whatever the
-/// provider says. No second Stop; the Kill comes after stopTimeoutSeconds, counted from
+/// power off by ACPI report Running until the guest does) or in Error: it is stopping,
+/// whatever the provider says. No second Stop; the Kill comes after stopTimeoutSeconds, counted from
 /// that Stop. So is the Kill of a hard restart, until Stopped is observed; one seen up
 /// again past stopTimeoutSeconds was killed and runs again (started by someone else):
 /// nothing more to do, and never a second Kill. An operation begun whose call the driver
@@ -275,7 +275,7 @@ fn state_with_own_stop(input: &Input<'_>, before: &MachineStatus, state: State, 
             && last_op.is_some_and(|op| operations.contains(&op.operation) && op.result != OperationResult::Failed)
     };
     let killed_long_ago = last_op.is_some_and(|op| duration_between(op.time.0, input.now) >= spec.stop_timeout());
-    let own_stop_pending = matches!(state, State::Running | State::Paused | State::Saved)
+    let own_stop_pending = matches!(state, State::Running | State::Paused | State::Saved | State::Error)
         && match spec.power_state {
             PowerState::Stopped => own_stop(Phase::Stopping, &[Operation::Stop, Operation::Kill]),
             PowerState::Running => own_stop(Phase::Restarting, &[Operation::Kill]) && !killed_long_ago,

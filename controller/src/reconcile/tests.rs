@@ -2784,3 +2784,13 @@ fn a_failed_escalation_kill_is_retried_never_replaced_by_a_second_stop() {
     let retried = plan(&input_at(&machine, instance(State::Running), at(400)));
     assert_eq!(retried.step.map(|p| p.step), Some(Step::Kill), "the Kill is retried after its backoff");
 }
+
+#[test]
+fn a_stop_the_provider_answers_with_error_still_escalates_from_machinists_stop() {
+    let machine = was(State::Running)(Machine::test().with_power_state(PowerState::Stopped).with_stop_timeout(5));
+    let (machine, _) = step_and_record(&machine, instance(State::Running), now(), Outcome::Succeeded);
+    let waiting = plan(&input_at(&machine, instance(State::Error), at(2)));
+    assert_eq!((waiting.step, waiting.status.phase), (None, Some(Phase::Stopping)), "no second Stop");
+    let kill = plan(&input_at(&machine, instance(State::Error), at(5)));
+    assert_eq!(kill.step, planned(Step::Kill, Cause::StopTimeout));
+}
