@@ -325,7 +325,14 @@ impl LeaderElector {
             }
             // An attempt may take until the fence would close, no longer.
             let deadline = Instant::now() + timings.renew_deadline;
-            match self.attempt(deadline).await {
+            // The moment the fence closes, leadership is lost, even mid-attempt: the
+            // caller then stops everything, status writes included.
+            let attempt = tokio::select! {
+                biased;
+                () = self.fence.wait_closed() => break,
+                attempt = self.attempt(deadline) => attempt,
+            };
+            match attempt {
                 Ok(Attempt::Held) => debug!("renewed the lease"),
                 Ok(Attempt::HeldByOther) => {
                     self.fence.close();
