@@ -208,10 +208,15 @@ async fn running_web(test: &str) -> Result<RunningWeb> {
 /// A hard restart whose Kill (StopInstances) took effect, but whose answer never reached
 /// the controller: it was killed meanwhile. EC2's state transition reason shows the
 /// user-initiated stop, so the next controller knows the restart happened: one Kill, one
-/// Start, no reboot, and no warning that it may not have happened.
+/// Start once the (lasting) stop is over (a StartInstances while stopping would be
+/// refused, and retried: a second one), no reboot, and no warning that it may not have
+/// happened.
 #[tokio::test]
 async fn an_ec2_hard_restart_interrupted_after_its_kill_is_made_exactly_once() -> Result<()> {
     let RunningWeb { _moto, proxy, _refusing, client, mut env, uid, id } = running_web("ec2-restartcrash").await?;
+    // EC2's pace: a stop lasts, a start too; StartInstances while stopping would be refused.
+    let stopping_for = Duration::from_secs(3);
+    proxy.imitate_timing(Ec2Timing { stopping_for, pending_for: Duration::from_secs(1), ..Default::default() });
 
     proxy.delay_answer("StopInstances", Duration::from_secs(60));
     env.patch("web", json!({ "spec": { "restartMode": "Hard", "restartRequest": "r1" } })).await?;
@@ -230,7 +235,7 @@ async fn an_ec2_hard_restart_interrupted_after_its_kill_is_made_exactly_once() -
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     ensure_eq(proxy.count("StopInstances"), 1, "Kill calls")?;
-    ensure_eq(proxy.count("StartInstances"), 1, "Start calls")?;
+    ensure_eq(proxy.count("StartInstances"), 1, "Start calls (none refused while stopping)")?;
     ensure_eq(proxy.count("RebootInstances"), 0, "Restart calls")?;
     let reasons: Vec<String> = env.events("web").await?.into_iter().filter_map(|e| e.reason).collect();
     anyhow::ensure!(!reasons.iter().any(|r| r == "RestartInterrupted"), "warned as if unknown: {reasons:?}");
