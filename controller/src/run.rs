@@ -114,10 +114,7 @@ pub async fn run(
         background.0.push(tokio::spawn(metrics::serve(listener, metrics.clone(), ready.clone())));
     }
 
-    let machines: Api<DeserializeGuard<Machine>> = match &config.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+    let machines: Api<DeserializeGuard<Machine>> = k8s::namespaced_or_all(&client, config.namespace.as_deref());
     // The cache keeps what reconcile reads and no more (see `prune`).
     let writer = kube::runtime::reflector::store::Writer::<DeserializeGuard<Machine>>::default();
     let store = writer.as_reader();
@@ -128,13 +125,13 @@ pub async fn run(
     // (guarded, and labelled so) are cached whole, so no reconcile reads one from the API;
     // of the others only metadata is watched, to notice one that appears.
     let guarded_label = format!("{SECRET_GUARDED_LABEL}=true");
-    let guarded: Api<Secret> = namespaced_or_all(&client, config.namespace.as_deref());
+    let guarded: Api<Secret> = k8s::namespaced_or_all(&client, config.namespace.as_deref());
     let secret_writer = kube::runtime::reflector::store::Writer::<Secret>::default();
     let secret_cache = secret_writer.as_reader();
     let guarded = watcher(guarded, watcher::Config::default().labels(&guarded_label).any_semantic())
-        .modify(|secret: &mut Secret| secret.metadata.managed_fields = None);
+        .modify(|secret: &mut Secret| prune_metadata(&mut secret.metadata));
     let guarded = reflector(secret_writer, guarded).applied_objects();
-    let others: Api<PartialObjectMeta<Secret>> = namespaced_or_all(&client, config.namespace.as_deref());
+    let others: Api<PartialObjectMeta<Secret>> = k8s::namespaced_or_all(&client, config.namespace.as_deref());
     let others_config = watcher::Config::default().labels(&format!("!{SECRET_GUARDED_LABEL}")).any_semantic();
     let (users, other_users) = (store.clone(), store.clone());
     let controller = controller
@@ -249,15 +246,19 @@ async fn drain_within(draining: impl Future<Output = ()>, shutdown: impl Future<
     }
 }
 
-/// What is dropped of each Machine before the cache stores it: its `managedFields`
-/// (about half of a real object, with three managers) and `kubectl apply`'s
-/// last-applied annotation. Reconcile reads neither, and at 10,000 Machines they would
-/// be most of the controller's memory.
+/// What is dropped of each Machine before the cache stores it (see [`prune_metadata`]).
 fn prune(object: &mut DeserializeGuard<Machine>) {
-    let meta = match &mut object.0 {
-        Ok(machine) => &mut machine.metadata,
-        Err(invalid) => &mut invalid.metadata,
-    };
+    match &mut object.0 {
+        Ok(machine) => prune_metadata(&mut machine.metadata),
+        Err(invalid) => prune_metadata(&mut invalid.metadata),
+    }
+}
+
+/// What is dropped of each cached object (Machines, guarded Secrets): its
+/// `managedFields` (about half of a real Machine, with three managers) and `kubectl
+/// apply`'s last-applied annotation (for a Secret, a second copy of its data). Reconcile
+/// reads neither, and at 10,000 Machines they would be most of the controller's memory.
+fn prune_metadata(meta: &mut kube::api::ObjectMeta) {
     meta.managed_fields = None;
     if let Some(annotations) = meta.annotations.as_mut() {
         annotations.remove(LAST_APPLIED_ANNOTATION);
@@ -285,17 +286,6 @@ fn machines_using(
             _ => None,
         })
         .collect()
-}
-
-fn namespaced_or_all<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-    K::DynamicType: Default,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
 }
 
 /// One item of the controller's output stream.

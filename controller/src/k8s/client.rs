@@ -1,5 +1,6 @@
-//! A deadline on every Kubernetes API request: a partitioned or overloaded API server
-//! must not hang a reconcile, the Lease renewal or a shutdown for ever.
+//! How the controller's API clients are made: a deadline on every Kubernetes API
+//! request (a partitioned or overloaded API server must not hang a reconcile, the Lease
+//! renewal or a shutdown for ever), and `Api`s for one namespace or all.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -8,6 +9,18 @@ use std::time::Duration;
 use http::{Request, Response};
 use kube::Client;
 use kube::client::Body;
+
+/// An `Api` for one namespace, or for all when `None`.
+pub fn namespaced_or_all<K>(client: &Client, namespace: Option<&str>) -> kube::Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => kube::Api::namespaced(client.clone(), ns),
+        None => kube::Api::all(client.clone()),
+    }
+}
 
 /// `client`, with each request failing when its response has not begun within
 /// `timeout`. Only the response's start is bounded: a watch's body streams on (the

@@ -44,10 +44,7 @@ pub async fn wait_for_crd(client: Client, namespace: Option<&str>, timeout: Dura
 }
 
 async fn probe_machines(client: Client, namespace: Option<&str>) -> Result<(), CrdError> {
-    let machines: Api<crate::api::Machine> = match namespace {
-        Some(ns) => Api::namespaced(client, ns),
-        None => Api::all(client),
-    };
+    let machines: Api<crate::api::Machine> = super::namespaced_or_all(&client, namespace);
     match machines.list(&kube::api::ListParams::default().limit(1)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Err(CrdError::NotInstalled),

@@ -10,7 +10,7 @@ mod secrets;
 mod ssh;
 mod status;
 
-pub use client::with_request_timeout;
+pub use client::{namespaced_or_all, with_request_timeout};
 pub use crd::{CrdError, wait_for_crd};
 pub use events::{EventNote, EventPublisher};
 pub use machine::{Context, Error, error_policy, reconcile};

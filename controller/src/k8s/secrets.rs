@@ -182,10 +182,7 @@ pub async fn sweep(client: &kube::Client, namespace: Option<&str>, from: SweepFr
     let mut guarded: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     match from {
         SweepFrom::Api => {
-            let secrets: Api<Secret> = match namespace {
-                Some(ns) => Api::namespaced(client.clone(), ns),
-                None => Api::all(client.clone()),
-            };
+            let secrets: Api<Secret> = super::namespaced_or_all(client, namespace);
             for secret in secrets.list_metadata(&ListParams::default()).await?.items {
                 if secret.finalizers().iter().any(|f| f == SECRET_FINALIZER) {
                     guarded.entry(secret.namespace().unwrap_or_default()).or_default().push(secret.name_any());
