@@ -1,0 +1,3 @@
+module machinist.dev/fakecloud
+
+go 1.22
