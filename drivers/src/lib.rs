@@ -8,12 +8,14 @@
 //! driver plain values ([`MachineRef`], [`Credentials`]). Each driver's typed config
 //! lives with the driver and derives `JsonSchema`, so the controller's CRD embeds it.
 //!
-//! Drivers: [`fake`] (instances as files), [`generic`] (an existing host over SSH) and
-//! [`amazonec2`] (an EC2 instance, on the AWS SDK for Rust).
+//! Drivers: [`fake`] (instances as files), [`generic`] (an existing host over SSH),
+//! [`amazonec2`] (an EC2 instance, on the AWS SDK for Rust) and [`dockermachine`] (any
+//! Docker Machine driver plugin, over its own protocol).
 //! [`ssh`] is the SSH client the drivers and the controller share.
 
 pub mod amazonec2;
 mod contract;
+pub mod dockermachine;
 mod error;
 pub mod fake;
 pub mod generic;
@@ -21,8 +23,8 @@ mod registry;
 pub mod ssh;
 
 pub use contract::{
-    Address, AddressType, CreateRequest, Credentials, Driver, HostKeys, Instance, MachineRef, Operation, Removal,
-    SshEndpoint, State,
+    Address, AddressType, CreateRequest, Credentials, Driver, HostKeys, Instance, MachineRef, MemoryStateStore,
+    Operation, Removal, SshEndpoint, State, StateStore,
 };
 pub use error::{CREDENTIALS_FIELD, DriverError};
 pub use registry::{DriverConfig, DriverSpec, Drivers};

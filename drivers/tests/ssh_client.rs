@@ -101,9 +101,13 @@ fn keys_that_cannot_be_used_are_refused_with_a_reason() {
     let text = message(&std::fs::read_to_string(encrypted).unwrap());
     assert!(text.contains("passphrase"), "{text}");
 
+    // RSA, as Docker Machine plugins generate it (PKCS#1 PEM) and as ssh-keygen does.
     let rsa = keygen_with(dir.path(), "rsa", &["-t", "rsa", "-b", "2048", "-N", ""]);
-    let text = message(&std::fs::read_to_string(rsa).unwrap());
-    assert!(text.contains("RSA") && text.contains("ed25519"), "{text}");
+    SshPrivateKey::from_openssh(&std::fs::read_to_string(&rsa).unwrap()).expect("an OpenSSH RSA key parses");
+    let pem = keygen_with(dir.path(), "rsa-pem", &["-t", "rsa", "-b", "2048", "-N", "", "-m", "PEM"]);
+    let text = std::fs::read_to_string(pem).unwrap();
+    assert!(text.starts_with("-----BEGIN RSA PRIVATE KEY-----"), "{text}");
+    SshPrivateKey::from_openssh(&text).expect("a PKCS#1 RSA key parses");
 
     // Bytes that are not text.
     assert!(SshPrivateKey::from_bytes(&[0xff, 0xfe]).unwrap_err().to_string().contains("not text"));

@@ -99,14 +99,14 @@ fn public_openssh(key: &PublicKey) -> String {
     key.to_openssh().expect("a parsed public key encodes in OpenSSH format")
 }
 
-/// A private key to log in with (Ed25519 or ECDSA). `Debug` shows its algorithm and
-/// fingerprint only.
+/// A private key to log in with (Ed25519, ECDSA, or RSA as Docker Machine plugins
+/// generate). `Debug` shows its algorithm and fingerprint only.
 #[derive(Clone)]
 pub struct SshPrivateKey(Arc<PrivateKey>);
 
 impl SshPrivateKey {
     /// Parses an unencrypted private key: OpenSSH (`-----BEGIN OPENSSH PRIVATE KEY-----`,
-    /// what `ssh-keygen` writes), or PKCS#8 / SEC1 PEM. The error says what is wrong and
+    /// what `ssh-keygen` writes), or PKCS#1 / PKCS#8 / SEC1 PEM. The error says what is wrong and
     /// how to fix it, without quoting the key.
     pub fn from_openssh(pem: &str) -> Result<Self, KeyError> {
         let text = pem.trim();
@@ -126,9 +126,6 @@ impl SshPrivateKey {
                 "not a private key in PEM format: it should start with -----BEGIN OPENSSH PRIVATE KEY-----",
             ));
         }
-        if text.starts_with("-----BEGIN RSA PRIVATE KEY-----") {
-            return Err(rsa_unsupported());
-        }
         // russh wants the PEM lines exactly, so normalise line endings (Secrets written on
         // Windows carry CRLF).
         let normalized = Zeroizing::new(format!("{}\n", text.replace("\r\n", "\n")));
@@ -137,17 +134,13 @@ impl SshPrivateKey {
                 "the private key is protected by a passphrase; machinist needs an unencrypted key (`ssh-keygen -p \
                  -N '' -f KEY` removes the passphrase from a copy)",
             ),
-            russh::keys::Error::UnsupportedKeyType { key_type_string, .. } if key_type_string == "RSA" => {
-                rsa_unsupported()
-            }
             other => KeyError::new(format!(
                 "not a usable private key ({other}); an OpenSSH private key starts with -----BEGIN OPENSSH \
                  PRIVATE KEY-----"
             )),
         })?;
         match key.algorithm() {
-            Algorithm::Ed25519 | Algorithm::Ecdsa { .. } => Ok(SshPrivateKey(Arc::new(key))),
-            Algorithm::Rsa { .. } => Err(rsa_unsupported()),
+            Algorithm::Ed25519 | Algorithm::Ecdsa { .. } | Algorithm::Rsa { .. } => Ok(SshPrivateKey(Arc::new(key))),
             other => Err(KeyError::new(format!(
                 "{} keys are not supported; use an ed25519 key (ssh-keygen -t ed25519)",
                 other.as_str()
@@ -178,6 +171,10 @@ impl SshPrivateKey {
         self.0.algorithm().as_str().to_string()
     }
 
+    pub(crate) fn is_rsa(&self) -> bool {
+        matches!(self.0.algorithm(), Algorithm::Rsa { .. })
+    }
+
     pub(crate) fn inner(&self) -> Arc<PrivateKey> {
         Arc::clone(&self.0)
     }
@@ -190,13 +187,6 @@ impl fmt::Debug for SshPrivateKey {
             .field("fingerprint", &self.fingerprint())
             .finish_non_exhaustive()
     }
-}
-
-fn rsa_unsupported() -> KeyError {
-    KeyError::new(
-        "RSA keys are not supported (machinist is built without RSA); use an ed25519 key (ssh-keygen -t ed25519) \
-         or an ECDSA key",
-    )
 }
 
 fn looks_like_public_key(text: &str) -> bool {

@@ -459,7 +459,13 @@ async fn authenticate(
     let names = |methods: &russh::MethodSet| -> Vec<&'static str> { methods.iter().map(<&str>::from).collect() };
     let mut accepted: Vec<&'static str> = Vec::new();
     if let Some(key) = &auth.key {
-        let key = PrivateKeyWithHashAlg::new(key.inner(), None);
+        // RSA signs with SHA-2 where the server says it can (OpenSSH refuses SHA-1).
+        let hash = if key.is_rsa() {
+            handle.best_supported_rsa_hash().await.map_err(lost)?.flatten().or(Some(HashAlg::Sha256))
+        } else {
+            None
+        };
+        let key = PrivateKeyWithHashAlg::new(key.inner(), hash);
         match handle.authenticate_publickey(target.user.clone(), key).await.map_err(lost)? {
             client::AuthResult::Success => return Ok(()),
             client::AuthResult::Failure { remaining_methods, .. } => accepted = names(&remaining_methods),
