@@ -14,6 +14,7 @@ use kube::runtime::reflector::{ObjectRef, Store, reflector};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
 use kube::{Api, Client, ResourceExt};
 use machinist_drivers::Drivers;
+use machinist_drivers::dockermachine::Plugins;
 use tracing::{debug, info, warn};
 
 use crate::api::{Machine, SECRET_GUARDED_LABEL};
@@ -31,6 +32,11 @@ pub struct RunConfig {
     pub concurrency: u16,
     /// Where the fake driver keeps its instances.
     pub fake_state_dir: PathBuf,
+    /// Where `docker-machine-driver-<name>` plugin binaries are found (none: the
+    /// `dockerMachine` driver is not available).
+    pub driver_plugin_dir: Option<PathBuf>,
+    /// A writable directory for the plugins' store directories while they run.
+    pub driver_plugin_work_dir: PathBuf,
     pub settings: Settings,
     pub driver_call_timeout: Duration,
     /// How long to wait for the CRD to become Established.
@@ -58,6 +64,8 @@ impl Default for RunConfig {
             namespace: None,
             concurrency: 64,
             fake_state_dir: PathBuf::from("/var/lib/machinist/fake"),
+            driver_plugin_dir: None,
+            driver_plugin_work_dir: std::env::temp_dir().join("machinist-plugins"),
             settings: Settings::default(),
             driver_call_timeout: Duration::from_secs(600),
             crd_wait: Duration::from_secs(30),
@@ -79,6 +87,10 @@ pub enum RunError {
         "cannot use the fake driver's state directory {dir}: {error}; set --fake-state-dir to a writable directory"
     )]
     FakeStateDir { dir: String, error: std::io::Error },
+    #[error(
+        "cannot use the plugin work directory {dir}: {error}; set --driver-plugin-work-dir to a writable directory"
+    )]
+    PluginWorkDir { dir: String, error: std::io::Error },
     #[error("cannot serve metrics and health on {address}: {error}; set --metrics-address")]
     MetricsAddress { address: SocketAddr, error: std::io::Error },
     #[error("lost leadership: {0}; stopped reconciling")]
@@ -103,6 +115,13 @@ pub async fn run(
     }
     std::fs::create_dir_all(&config.fake_state_dir)
         .map_err(|error| RunError::FakeStateDir { dir: config.fake_state_dir.display().to_string(), error })?;
+    if config.driver_plugin_dir.is_some() {
+        std::fs::create_dir_all(&config.driver_plugin_work_dir).map_err(|error| RunError::PluginWorkDir {
+            dir: config.driver_plugin_work_dir.display().to_string(),
+            error,
+        })?;
+    }
+    let plugins = Plugins::new(config.driver_plugin_dir.clone(), &config.driver_plugin_work_dir);
 
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
@@ -149,7 +168,8 @@ pub async fn run(
         drivers: match (&config.instance, config.fake_call_journal) {
             (Some(instance), true) => Drivers::new(&config.fake_state_dir).with_fake_call_journal(instance),
             _ => Drivers::new(&config.fake_state_dir),
-        },
+        }
+        .with_plugins(plugins),
         events: k8s::EventPublisher::new(client.clone(), "machinist", config.instance.clone()),
         settings: config.settings.clone(),
         driver_call_timeout: config.driver_call_timeout,

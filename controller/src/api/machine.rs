@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::{CustomResource, KubeSchema};
+use kube::{CustomResource, KubeSchema, ResourceExt};
 use machinist_drivers::{Address, DriverSpec, Operation, State};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -51,12 +51,13 @@ pub struct MachineSpec {
     /// The driver kind cannot change after creation.
     #[x_kube(
         validation = Rule::new(
-            "(has(self.fake) ? 1 : 0) + (has(self.generic) ? 1 : 0) + (has(self.amazonec2) ? 1 : 0) == 1"
+            "(has(self.fake) ? 1 : 0) + (has(self.generic) ? 1 : 0) + (has(self.amazonec2) ? 1 : 0) \
+             + (has(self.dockerMachine) ? 1 : 0) == 1"
         )
-        .message("set exactly one driver block (one of: fake, generic, amazonec2)"),
+        .message("set exactly one driver block (one of: fake, generic, amazonec2, dockerMachine)"),
         validation = Rule::new(
             "has(self.fake) == has(oldSelf.fake) && has(self.generic) == has(oldSelf.generic) \
-             && has(self.amazonec2) == has(oldSelf.amazonec2)"
+             && has(self.amazonec2) == has(oldSelf.amazonec2) && has(self.dockerMachine) == has(oldSelf.dockerMachine)"
         )
         .message("the driver kind cannot change after creation")
     )]
@@ -327,11 +328,28 @@ impl Machine {
         refs
     }
 
-    /// Whether this Machine uses the Secret `name`: the spec names it, or the status
-    /// lists it (a generated key, or one the spec named until just now).
+    /// Whether this Machine uses the Secret `name`: the spec names it, the status lists
+    /// it (a generated key, or one the spec named until just now), or it holds the
+    /// Machine's driver state.
     pub fn uses_secret(&self, name: &str) -> bool {
         self.secret_refs().iter().any(|(_, n)| *n == name)
             || self.status.as_ref().is_some_and(|s| s.secrets.iter().any(|u| u.name == name))
+            || (self.keeps_driver_state() && self.driver_state_secret_name() == name)
+    }
+
+    /// Whether the driver keeps state of its own in a Secret (Docker Machine plugins).
+    pub fn keeps_driver_state(&self) -> bool {
+        self.spec.driver.docker_machine.is_some()
+    }
+
+    /// The Secret holding the driver's state (see [`Machine::keeps_driver_state`]).
+    pub fn driver_state_secret_name(&self) -> String {
+        let name = self.name_any();
+        if name.len() <= 240 {
+            format!("{name}-driver-state")
+        } else {
+            format!("machine-{}-driver-state", self.uid().unwrap_or_default())
+        }
     }
 
     pub fn is_paused(&self) -> bool {

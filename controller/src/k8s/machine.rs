@@ -244,10 +244,20 @@ async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<A
         }
     }
     let offers_ssh = driver.as_ref().is_some_and(|d| d.offers_ssh());
-    // The Machine's SSH key exists before anything is created with it.
+    // The Machine's SSH key exists before anything is created with it; a driver that
+    // makes its own (Docker Machine plugins) gives it once the instance exists.
     let mut key = None;
-    if offers_ssh && !matches!(observed, Observed::InvalidSpec(_)) {
-        match super::ssh::machine_key(machine, ctx).await {
+    let from_driver = driver.as_ref().filter(|d| d.makes_own_ssh_key()).is_some()
+        && machine.spec.ssh.as_ref().is_none_or(|s| s.key_secret_ref.is_none());
+    let mut own_key = None;
+    if let (true, Some(d), Observed::Instance { id, .. }) = (from_driver && offers_ssh, &driver, &observed) {
+        match call(ctx, d.as_ref(), Operation::Status, d.own_ssh_key(id)).await {
+            Ok(k) => own_key = k,
+            Err(error) => observed = Observed::Failed(error),
+        }
+    }
+    if offers_ssh && !matches!(observed, Observed::InvalidSpec(_)) && (!from_driver || own_key.is_some()) {
+        match super::ssh::machine_key(machine, ctx, own_key.as_deref().map(Vec::as_slice)).await {
             Ok((k, used)) => {
                 key = Some(k);
                 if let Some(secrets) = secrets.as_mut() {
@@ -325,6 +335,9 @@ async fn release_dropped(ctx: &Context, machine: &Machine, now: Option<&[SecretU
 async fn release_all(ctx: &Context, machine: &Machine) {
     let mut names: Vec<String> = machine.secret_refs().into_iter().map(|(_, name)| name.to_string()).collect();
     names.extend(machine.status.iter().flat_map(|s| s.secrets.iter().map(|u| u.name.clone())));
+    if machine.keeps_driver_state() {
+        names.push(machine.driver_state_secret_name());
+    }
     names.sort();
     names.dedup();
     super::secrets::release_unused(ctx, machine, names).await;
@@ -444,7 +457,8 @@ async fn observe(machine: &Machine, ctx: &Context) -> Result<Observation, Error>
         Err(error @ DriverError::InvalidConfig { .. }) => return Ok((None, Observed::InvalidSpec(error), None)),
         Err(error) => return Ok((None, Observed::Failed(error), None)),
     };
-    let driver = match ctx.drivers.driver(&machine.spec.driver, machine_ref(machine), credentials) {
+    let state = Arc::new(super::driver_state::SecretStateStore::new(ctx.client.clone(), machine));
+    let driver = match ctx.drivers.driver_with_state(&machine.spec.driver, machine_ref(machine), credentials, state) {
         Ok(d) => d,
         // Bad credentials are fixed in their Secret, not the spec: retried with backoff.
         Err(error) if error.is_retryable() => return Ok((None, Observed::Failed(error), secrets.take())),

@@ -3,6 +3,7 @@
 
 mod client;
 mod crd;
+mod driver_state;
 mod events;
 mod finalizer;
 mod machine;

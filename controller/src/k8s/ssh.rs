@@ -8,7 +8,7 @@ use std::time::Duration;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Resource, ResourceExt};
 use machinist_drivers::ssh::{self, SshAuth, SshError, SshPrivateKey, SshTarget};
 use machinist_drivers::{Driver, DriverError, HostKeys};
@@ -41,9 +41,14 @@ pub fn generated_secret_name(machine: &Machine) -> String {
 }
 
 /// The Machine's key: from `spec.ssh.keySecretRef` (never changed or deleted by
-/// machinist), or an ed25519 key pair generated once into a `kubernetes.io/ssh-auth`
-/// Secret owned by the Machine (so it goes when the Machine goes).
-pub async fn machine_key(machine: &Machine, ctx: &Context) -> Result<(MachineKey, SecretUse), DriverError> {
+/// machinist), or kept in a `kubernetes.io/ssh-auth` Secret owned by the Machine (so it
+/// goes when the Machine goes): the key the driver made (`from_driver`, kept up to date),
+/// or an ed25519 key pair generated once.
+pub async fn machine_key(
+    machine: &Machine,
+    ctx: &Context,
+    from_driver: Option<&[u8]>,
+) -> Result<(MachineKey, SecretUse), DriverError> {
     let ns = machine.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(reference) = machine.spec.ssh.as_ref().and_then(|s| s.key_secret_ref.as_ref()) {
@@ -60,10 +65,20 @@ pub async fn machine_key(machine: &Machine, ctx: &Context) -> Result<(MachineKey
     let existing = super::secrets::fetch(ctx, &secrets, &ns, &name)
         .await
         .map_err(|e| DriverError::transient(format!("reading the SSH key Secret {ns}/{name}: {e}")))?;
+    let from_driver = from_driver
+        .map(|bytes| {
+            let key = SshPrivateKey::from_bytes(bytes)
+                .map_err(|e| DriverError::transient(format!("the SSH key the driver made: {e}")))?;
+            Ok::<_, DriverError>(key_data(bytes, &key.public_key_openssh()))
+        })
+        .transpose()?;
     let secret = match existing {
         Some(secret) => secret,
         None => {
-            let pair = ssh::generate_ed25519(&format!("machinist:{ns}/{}", machine.name_any()));
+            let data = from_driver.clone().unwrap_or_else(|| {
+                let pair = ssh::generate_ed25519(&format!("machinist:{ns}/{}", machine.name_any()));
+                key_data(pair.private_openssh.expose().as_bytes(), &pair.public_openssh)
+            });
             let secret = Secret {
                 metadata: ObjectMeta {
                     name: Some(name.clone()),
@@ -79,10 +94,7 @@ pub async fn machine_key(machine: &Machine, ctx: &Context) -> Result<(MachineKey
                     ..Default::default()
                 },
                 type_: Some("kubernetes.io/ssh-auth".into()),
-                data: Some(BTreeMap::from([
-                    ("ssh-privatekey".to_string(), ByteString(pair.private_openssh.expose().as_bytes().to_vec())),
-                    ("ssh-publickey".to_string(), ByteString(pair.public_openssh.as_bytes().to_vec())),
-                ])),
+                data: Some(data),
                 ..Default::default()
             };
             match secrets
@@ -110,6 +122,17 @@ pub async fn machine_key(machine: &Machine, ctx: &Context) -> Result<(MachineKey
             ),
         ));
     }
+    // The driver's key changed (or the Secret predates it): the Secret follows.
+    let secret = match from_driver {
+        Some(data) if secret.data.as_ref().and_then(|d| d.get("ssh-privatekey")) != data.get("ssh-privatekey") => {
+            let params = PatchParams { field_manager: Some(FIELD_MANAGER.to_string()), ..Default::default() };
+            secrets
+                .patch(&name, &params, &Patch::Merge(serde_json::json!({ "data": data })))
+                .await
+                .map_err(|e| DriverError::transient(format!("writing the SSH key Secret {ns}/{name}: {e}")))?
+        }
+        _ => secret,
+    };
     // One generated before Secrets were guarded: guard it now.
     let secret = super::secrets::guard(&secrets, secret)
         .await
@@ -122,6 +145,14 @@ pub async fn machine_key(machine: &Machine, ctx: &Context) -> Result<(MachineKey
         deletion_held: secret.metadata.deletion_timestamp.is_some(),
     };
     Ok((MachineKey { secret_name: name, key }, used))
+}
+
+/// A `kubernetes.io/ssh-auth` Secret's data.
+fn key_data(private: &[u8], public: &str) -> BTreeMap<String, ByteString> {
+    BTreeMap::from([
+        ("ssh-privatekey".to_string(), ByteString(private.to_vec())),
+        ("ssh-publickey".to_string(), ByteString(public.as_bytes().to_vec())),
+    ])
 }
 
 /// How `status.secrets` names the key Secret machinist generated.
@@ -137,7 +168,7 @@ fn private_key_of(secret: &Secret) -> Result<SshPrivateKey, String> {
     SshPrivateKey::from_bytes(&bytes).map_err(|e| e.to_string())
 }
 
-fn owner_reference(machine: &Machine) -> OwnerReference {
+pub(super) fn owner_reference(machine: &Machine) -> OwnerReference {
     OwnerReference {
         api_version: Machine::api_version(&()).into_owned(),
         kind: Machine::kind(&()).into_owned(),
