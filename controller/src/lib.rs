@@ -7,6 +7,7 @@
 //! - [`run`]: the controller loop, as `machinist run` starts it.
 
 pub mod api;
+pub mod conformance;
 #[cfg(test)]
 pub mod fixtures;
 pub mod k8s;

@@ -29,6 +29,57 @@ enum Command {
     Run(Box<RunArgs>),
     /// Print the Machine CRD (YAML), e.g. `machinist crd | kubectl apply -f -`.
     Crd,
+    /// List the Docker Machine driver plugins in the plugin directory, with their flags.
+    Plugins(PluginsArgs),
+    /// Qualify a driver: run every operation of the Driver Specification on a scratch
+    /// instance (Create, Status, SSH, Stop, Start, Restart, Kill, Remove), print a table,
+    /// exit non-zero on a failure. What it creates is always removed, Ctrl-C included.
+    Conformance(ConformanceArgs),
+}
+
+#[derive(Parser)]
+struct ConformanceArgs {
+    /// `fake`, `generic`, `amazonec2` or `dockerMachine:<plugin>`.
+    #[arg(long)]
+    driver: String,
+    /// A YAML (or JSON) file with the driver's block, as under `spec.driver.<driver>` of a
+    /// Machine (for dockerMachine: `flags`, `fileFlags`, ...; the name comes from --driver).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A YAML (or JSON) map of credentials, as the keys of a Machine's
+    /// credentialsSecretRef Secret (`FAKECLOUD_TOKEN: ...`); values are strings.
+    #[arg(long)]
+    credentials: Option<PathBuf>,
+    /// Where `docker-machine-driver-<name>` binaries are (for dockerMachine).
+    #[arg(long, env = "MACHINIST_DRIVER_PLUGIN_DIR")]
+    driver_plugin_dir: Option<PathBuf>,
+    /// The SSH user, instead of the driver's.
+    #[arg(long)]
+    ssh_user: Option<String>,
+    /// Seconds each operation may take to reach its state.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
+#[derive(Parser)]
+struct PluginsArgs {
+    /// Where `docker-machine-driver-<name>` binaries are.
+    #[arg(long, env = "MACHINIST_DRIVER_PLUGIN_DIR")]
+    driver_plugin_dir: PathBuf,
+    /// Only this plugin.
+    name: Option<String>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
 }
 
 #[derive(Parser)]
@@ -51,6 +102,14 @@ struct RunArgs {
     /// Where the fake driver keeps its instances.
     #[arg(long, env = "MACHINIST_FAKE_STATE_DIR", default_value = "/var/lib/machinist/fake")]
     fake_state_dir: PathBuf,
+    /// Where `docker-machine-driver-<name>` plugin binaries are found, for the
+    /// `dockerMachine` driver (unset: that driver is not available).
+    #[arg(long, env = "MACHINIST_DRIVER_PLUGIN_DIR")]
+    driver_plugin_dir: Option<PathBuf>,
+    /// A writable directory where each plugin gets its store directory while it runs
+    /// (restored from the Machine's driver-state Secret, removed afterwards).
+    #[arg(long, env = "MACHINIST_DRIVER_PLUGIN_WORK_DIR", default_value = "/tmp/machinist-plugins")]
+    driver_plugin_work_dir: PathBuf,
     /// Where to serve /healthz, /readyz and /metrics.
     #[arg(long, env = "MACHINIST_METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
     metrics_address: SocketAddr,
@@ -114,6 +173,28 @@ fn main() -> ExitCode {
             print!("{}", machinist::api::crd_yaml());
             ExitCode::SUCCESS
         }
+        Command::Conformance(args) => {
+            init_logging(LogFormat::Text);
+            let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+            match runtime.block_on(conformance(args)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("machinist: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Plugins(args) => {
+            let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+            match runtime.block_on(list_plugins(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("machinist: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run(args) => {
             init_logging(args.log_format);
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
@@ -159,6 +240,8 @@ async fn run_controller(args: Box<RunArgs>) -> anyhow::Result<()> {
         namespace: args.namespace,
         concurrency: args.concurrency,
         fake_state_dir: args.fake_state_dir,
+        driver_plugin_dir: args.driver_plugin_dir,
+        driver_plugin_work_dir: args.driver_plugin_work_dir,
         settings: Settings { poll_interval: Duration::from_secs(args.poll_interval), ..Settings::default() },
         driver_call_timeout: Duration::from_secs(args.driver_timeout),
         metrics_address: Some(args.metrics_address),
@@ -170,6 +253,166 @@ async fn run_controller(args: Box<RunArgs>) -> anyhow::Result<()> {
     };
     run(client, config, shutdown_signal()).await?;
     Ok(())
+}
+
+/// `machinist plugins`: each plugin found, with its create flags (GetCreateFlags).
+async fn list_plugins(args: PluginsArgs) -> anyhow::Result<()> {
+    use machinist_drivers::dockermachine::Plugins;
+    // Each plugin asked runs in a scratch directory of its own under the system's.
+    let plugins = Plugins::new(Some(args.driver_plugin_dir.clone()), std::env::temp_dir());
+    let mut found = plugins.list().map_err(anyhow::Error::msg)?;
+    if let Some(name) = &args.name {
+        found.retain(|p| &p.name == name);
+        if found.is_empty() {
+            plugins.binary(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    let mut listed = Vec::new();
+    for plugin in &found {
+        let flags = plugins.flags(&plugin.name).await.map_err(|e| e.to_string());
+        listed.push((plugin, flags));
+    }
+    match args.output {
+        OutputFormat::Json => {
+            let json: Vec<_> = listed
+                .iter()
+                .map(|(p, flags)| match flags {
+                    Ok(flags) => serde_json::json!({"name": p.name, "path": p.path, "flags": flags.as_slice()}),
+                    Err(e) => serde_json::json!({"name": p.name, "path": p.path, "error": e}),
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        }
+        OutputFormat::Text => {
+            if listed.is_empty() {
+                println!("no docker-machine-driver-* plugins in {}", args.driver_plugin_dir.display());
+            }
+            for (plugin, flags) in &listed {
+                println!("{} ({})", plugin.name, plugin.path.display());
+                match flags {
+                    Err(e) => println!("  cannot list its flags: {e}"),
+                    Ok(flags) => {
+                        let rows: Vec<[String; 5]> = flags
+                            .iter()
+                            .map(|f| {
+                                [
+                                    f.name.clone(),
+                                    f.kind.as_str().to_string(),
+                                    serde_json::to_string(&f.default).unwrap_or_default(),
+                                    f.env_var.clone(),
+                                    f.usage.clone(),
+                                ]
+                            })
+                            .collect();
+                        print_table(&["FLAG", "TYPE", "DEFAULT", "ENV VAR", "USAGE"], &rows);
+                    }
+                }
+                println!();
+            }
+        }
+    }
+    let failed = listed.iter().filter(|(_, f)| f.is_err()).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} plugin(s) could not be asked for their flags");
+    }
+    Ok(())
+}
+
+/// `machinist conformance`; whether the driver passed.
+async fn conformance(args: ConformanceArgs) -> anyhow::Result<bool> {
+    use machinist::conformance::{self, ConformanceConfig};
+    let read_yaml = |path: &PathBuf| -> anyhow::Result<serde_json::Value> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    };
+    let config = args.config.as_ref().map(read_yaml).transpose()?.unwrap_or(serde_json::Value::Null);
+    let credentials = match args.credentials.as_ref().map(read_yaml).transpose()? {
+        None => Default::default(),
+        Some(serde_json::Value::Object(map)) => machinist_drivers::Credentials(
+            map.into_iter()
+                .map(|(k, v)| match v {
+                    serde_json::Value::String(s) => Ok((k, s.into_bytes())),
+                    other => Err(anyhow::anyhow!("credential {k}: a string is needed, not {other}")),
+                })
+                .collect::<anyhow::Result<_>>()?,
+        ),
+        Some(_) => anyhow::bail!("--credentials: a map of key: value is needed"),
+    };
+    let work = std::env::temp_dir().join(format!("machinist-conformance-{:08x}", rand::random::<u32>()));
+    let config = ConformanceConfig {
+        driver: args.driver.clone(),
+        config,
+        credentials,
+        plugin_dir: args.driver_plugin_dir,
+        work_dir: work.clone(),
+        timeout: Duration::from_secs(args.timeout),
+        ssh_user: args.ssh_user,
+    };
+    let text = matches!(args.output, OutputFormat::Text);
+    if text {
+        eprintln!("qualifying {} on a scratch instance (Ctrl-C removes it and stops)", args.driver);
+    }
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let report = conformance::run(config, interrupt, |row| {
+        if text {
+            eprintln!("  {:<18} {:<13} {:>7.1}s  {}", row.operation, row.verdict.as_str(), row.seconds, row.detail);
+        }
+    })
+    .await
+    .map_err(anyhow::Error::msg);
+    let _ = std::fs::remove_dir_all(&work);
+    let report = report?;
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Text => {
+            let rows: Vec<[String; 4]> = report
+                .rows
+                .iter()
+                .map(|r| {
+                    [
+                        r.operation.clone(),
+                        r.verdict.as_str().to_string(),
+                        format!("{:.1}s", r.seconds),
+                        r.detail.clone(),
+                    ]
+                })
+                .collect();
+            println!();
+            print_table(&["OPERATION", "RESULT", "TIME", "DETAIL"], &rows);
+            println!(
+                "\n{}: {}",
+                report.driver,
+                if report.passed() { "conforms" } else { "does NOT conform (see FAILED above)" }
+            );
+        }
+    }
+    Ok(report.passed())
+}
+
+fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::from("  ");
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
 }
 
 async fn client(args: &RunArgs) -> anyhow::Result<Client> {
