@@ -42,6 +42,15 @@ CASES: dict[str, dict[str, Any]] = {
     "no-pdb": {"podDisruptionBudget": {"enabled": False}},
     "pdb-percentage": {"replicaCount": 3, "podDisruptionBudget": {"minAvailable": "50%"}},
     "persistence": {"fakeDriver": {"stateDir": "/data/fake", "persistence": {"existingClaim": "machinist-fake"}}},
+    "plugin-images": {
+        "plugins": {
+            "images": [
+                {"image": "registry.example.com/docker-machine-driver-hetzner:5.0.2", "paths": ["/usr/local/bin/docker-machine-driver-hetzner"]},
+                {"image": "registry.example.com/dm-drivers:1", "paths": ["/docker-machine-driver-a", "/bin/docker-machine-driver-b"], "pullPolicy": "Always"},
+            ]
+        }
+    },
+    "plugin-volume": {"plugins": {"volume": {"persistentVolumeClaim": {"claimName": "machinist-plugins"}}, "dir": "/plugins"}},
     "custom-image": {
         "image": {"repository": "registry.example.com/tools/machinist", "tag": "v9.9.9-rc.1", "pullPolicy": "Always"},
         "imagePullSecrets": [{"name": "regcred"}],
@@ -490,6 +499,42 @@ def test_fake_state_volume(chart: helm.Chart) -> None:
     assert "--fake-state-dir=/data/fake" in args(objects)
 
 
+def test_plugins_from_images_are_copied_by_init_containers(chart: helm.Chart) -> None:
+    objects = render(chart, CASES["plugin-images"])
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    inits = pod["initContainers"]
+    assert [i["image"] for i in inits] == [
+        "registry.example.com/docker-machine-driver-hetzner:5.0.2",
+        "registry.example.com/dm-drivers:1",
+    ]
+    assert inits[0]["command"] == ["cp", "/usr/local/bin/docker-machine-driver-hetzner", "/plugins/"]
+    assert inits[1]["command"] == ["cp", "/docker-machine-driver-a", "/bin/docker-machine-driver-b", "/plugins/"]
+    assert inits[1]["imagePullPolicy"] == "Always"
+    assert all(i["volumeMounts"] == [{"name": "plugins", "mountPath": "/plugins"}] for i in inits)
+    assert all(i["securityContext"]["readOnlyRootFilesystem"] for i in inits), "init containers are as locked down"
+    assert {"name": "plugins", "emptyDir": {}} in pod["volumes"]
+    assert {"name": "plugin-work", "emptyDir": {}} in pod["volumes"]
+    mounts = container(objects)["volumeMounts"]
+    assert {"name": "plugins", "mountPath": "/opt/machinist/plugins", "readOnly": True} in mounts
+    assert {"name": "plugin-work", "mountPath": "/var/lib/machinist/plugin-work"} in mounts
+    assert "--driver-plugin-dir=/opt/machinist/plugins" in args(objects)
+    assert "--driver-plugin-work-dir=/var/lib/machinist/plugin-work" in args(objects)
+
+
+def test_plugins_from_a_volume_and_none_by_default(chart: helm.Chart) -> None:
+    objects = render(chart, CASES["plugin-volume"])
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    assert {"name": "plugins", "persistentVolumeClaim": {"claimName": "machinist-plugins"}} in pod["volumes"]
+    assert {"name": "plugins", "mountPath": "/plugins", "readOnly": True} in container(objects)["volumeMounts"]
+    assert "--driver-plugin-dir=/plugins" in args(objects)
+    objects = render(chart, {})
+    assert not [a for a in args(objects) if a.startswith("--driver-plugin")]
+    assert "initContainers" not in one(objects, "Deployment")["spec"]["template"]["spec"]
+    with pytest.raises(Exception, match="not both"):
+        render_files(chart, {"plugins": {**CASES["plugin-images"]["plugins"], **CASES["plugin-volume"]["plugins"]}})
+
+
 def test_image(chart: helm.Chart) -> None:
     app_version = chart.metadata["appVersion"]
     objects = render(chart, {})
@@ -615,6 +660,8 @@ FLAG_ENV = {
     "--leader-election-renew-deadline": "MACHINIST_LEADER_ELECTION_RENEW_DEADLINE",
     "--leader-election-retry-period": "MACHINIST_LEADER_ELECTION_RETRY_PERIOD",
     "--api-timeout": "MACHINIST_API_TIMEOUT",
+    "--driver-plugin-dir": "MACHINIST_DRIVER_PLUGIN_DIR",
+    "--driver-plugin-work-dir": "MACHINIST_DRIVER_PLUGIN_WORK_DIR",
 }
 
 
