@@ -138,10 +138,8 @@ pub async fn run(
         progress(&row);
         run.rows.push(row);
     }
-    // Whatever happened, nothing is left behind.
-    if run.id.is_some() || interrupted {
-        run.remove(&mut progress).await;
-    }
+    // Whatever happened (a failed Create included), nothing is left behind.
+    run.remove(&mut progress).await;
     Ok(Report { driver: config.driver.clone(), rows: run.rows, interrupted })
 }
 
