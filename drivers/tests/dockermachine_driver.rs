@@ -247,3 +247,26 @@ async fn after_a_crash_during_create_the_instance_is_adopted_not_made_twice() {
     assert!(s.cloud.instances().is_empty());
     s.no_process_left().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_during_create_once_the_instance_id_is_known_it_is_adopted_by_that_id() {
+    let s = Setup::new(&[]);
+    // As docker-machine's amazonec2: Create records the instance id, then waits for the
+    // instance to boot. This plugin finds an instance by its id only.
+    let config =
+        s.config("fakecloud", serde_json::json!({"fakecloud-boot-millis": 8000, "fakecloud-find-by-name": "false"}));
+    let d = s.driver(&config).unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(5), d.create(&CreateRequest::default())).await;
+    assert!(cut.is_err(), "cut short while the instance boots");
+    drop(d); // the plugin goes with it, as with a crash of machinist (within its heartbeat timeout)
+    s.no_process_left().await;
+    let instances = s.cloud.instances();
+    assert_eq!(instances.len(), 1);
+    assert_eq!(instances[0].state, "Starting");
+
+    let found = s.driver(&config).unwrap().find().await.unwrap().expect("adopted by the id saved while Create ran");
+    assert_eq!(found.state, State::Starting);
+    assert_eq!(s.cloud.instances().len(), 1, "never a second instance");
+    assert_eq!(s.driver(&config).unwrap().remove(&found.id).await.unwrap(), Removal::Done);
+    assert!(s.cloud.instances().is_empty());
+}

@@ -264,7 +264,7 @@ impl DockerMachineDriver {
         self.config.call_timeout_seconds.map_or(default, |s| Duration::from_secs(s.into()))
     }
 
-    async fn saved(&self) -> Result<Option<SavedState>, DriverError> {
+    async fn load(&self) -> Result<Option<SavedState>, DriverError> {
         match self.state.load().await? {
             None => Ok(None),
             Some(bytes) => SavedState::from_bytes(&bytes).map(Some).map_err(DriverError::transient),
@@ -284,7 +284,7 @@ impl DockerMachineDriver {
     ) -> Result<tokio::sync::MutexGuard<'_, Option<Session>>, DriverError> {
         let mut session = self.session.lock().await;
         if session.is_none()
-            && let Some(saved) = self.saved().await?
+            && let Some(saved) = self.load().await?
         {
             let dir = SessionDir::new(&self.plugins.inner.work_dir, &self.machine_name)?;
             saved.restore_files(dir.path()).map_err(DriverError::transient)?;
@@ -329,18 +329,33 @@ impl DockerMachineDriver {
         Ok(())
     }
 
-    /// Saves the store directory's files with the rest of `saved`, when they changed.
-    /// Best effort: a failure is logged, and the next save tries again.
-    async fn save_files(&self, store: &Path, saved: &mut SavedState) {
+    /// Saves what a running Create has got to, when it changed: the plugin's config (when
+    /// `plugin` answers GetConfigRaw within a second; plugins serve calls concurrently,
+    /// and one that does not is simply not asked again until the next tick) and the store
+    /// directory's files. Best effort: a failure is logged, and the next tick tries again.
+    async fn save_progress(&self, plugin: Option<&Plugin>, store: &Path, saved: &mut SavedState) {
+        let mut changed = false;
+        if let Some(plugin) = plugin {
+            let (ty, arg) = empty();
+            if let Some(Ok(Value::Bytes(raw))) =
+                plugin.call_or_give_up("GetConfigRaw", &ty, &arg, Duration::from_secs(1)).await
+                && let Ok(config) = serde_json::from_slice::<serde_json::Value>(&raw)
+                && config != saved.config
+            {
+                saved.config = config;
+                changed = true;
+            }
+        }
         match state::snapshot_files(store) {
             Ok(files) if files != saved.files => {
                 saved.files = files;
-                if let Err(e) = self.state.save(&saved.to_bytes()).await {
-                    tracing::warn!(machine = %self.machine_name, "saving the plugin's store directory: {e}");
-                }
+                changed = true;
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(machine = %self.machine_name, "reading the plugin's store directory: {e}"),
+        }
+        if changed && let Err(e) = self.state.save(&saved.to_bytes()).await {
+            tracing::warn!(machine = %self.machine_name, "saving the plugin's progress: {e}");
         }
     }
 
@@ -567,17 +582,17 @@ impl Driver for DockerMachineDriver {
     /// is found before Create). With the state saved before an interrupted Create, the
     /// plugin's GetState decides: an instance it reports is adopted.
     async fn find(&self) -> Result<Option<Instance>, DriverError> {
-        let Some(saved) = self.saved().await? else {
+        let mut guard = self.restored(Operation::Status).await?;
+        let Some(session) = guard.as_mut() else {
             let flags = self.plugins.flags(&self.config.name).await?;
             self.values(&flags, &self.planned_files())?;
             return Ok(None);
         };
-        let mut guard = self.restored(Operation::Status).await?;
-        let Some(session) = guard.as_mut() else { return Ok(None) };
+        let phase = session.saved.as_ref().map_or(Phase::Created, |s| s.phase);
         let (ty, arg) = empty();
         let answer =
             answer(&session.plugin, Operation::Status, "GetState", &ty, &arg, self.timeout(READ_TIMEOUT)).await?;
-        let state = match (saved.phase, answer) {
+        let state = match (phase, answer) {
             (_, Ok(v)) => state_of(v.as_i64().unwrap_or(0)),
             // Created: it is ours, whatever the plugin says now.
             (Phase::Created, Err(error)) | (Phase::Creating, Err(error @ DriverError::RateLimited { .. })) => {
@@ -587,10 +602,10 @@ impl Driver for DockerMachineDriver {
             // one up from a config saved before Create): nothing to adopt.
             (Phase::Creating, Err(_)) => State::NotFound,
         };
-        if saved.phase == Phase::Creating && !exists(state) {
+        if phase == Phase::Creating && !exists(state) {
             return Ok(None);
         }
-        if saved.phase == Phase::Creating {
+        if phase == Phase::Creating {
             // Adopted: what the plugin knows now is the instance's.
             self.persist(session, Phase::Created, Operation::Status).await?;
         }
@@ -600,7 +615,8 @@ impl Driver for DockerMachineDriver {
     async fn create(&self, _request: &CreateRequest) -> Result<String, DriverError> {
         // What a failed Create left (its state was saved before it): removed first, so
         // that nothing is left behind and the new Create starts clean.
-        if self.saved().await?.is_some() {
+        let left = self.restored(Operation::Create).await?.is_some();
+        if left {
             self.remove_saved(Operation::Create, false).await.map_err(|e| match e {
                 DriverError::Transient { message, retry_after } => DriverError::Transient {
                     message: format!("removing what the previous Create left: {message}"),
@@ -641,9 +657,10 @@ impl Driver for DockerMachineDriver {
         let session = guard.insert(Session { plugin, dir, saved: None });
         // Saved before Create: a crash during it leaves enough to find the instance.
         self.persist(session, Phase::Creating, op).await?;
-        // While Create runs, what it writes to the store directory (its SSH key, first of
-        // all) is saved as it appears: a crash of the plugin or of machinist loses nothing
-        // that an adopted instance would need.
+        // While Create runs, what the plugin knows (its instance id, once launched) and
+        // what it writes to the store directory (its SSH key) are saved as they appear:
+        // a crash of the plugin or of machinist loses nothing that finding and adopting
+        // the instance would need.
         let mut saved = session.saved.clone().expect("saved before Create");
         let result = {
             let create = answer(&session.plugin, op, "Create", &ty, &arg, self.timeout(CREATE_TIMEOUT));
@@ -651,7 +668,9 @@ impl Driver for DockerMachineDriver {
             loop {
                 tokio::select! {
                     result = &mut create => break result,
-                    () = tokio::time::sleep(STORE_SAVE_INTERVAL) => self.save_files(session.dir.path(), &mut saved).await,
+                    () = tokio::time::sleep(STORE_SAVE_INTERVAL) => {
+                        self.save_progress(Some(&session.plugin), session.dir.path(), &mut saved).await;
+                    }
                 }
             }
         };
@@ -667,7 +686,7 @@ impl Driver for DockerMachineDriver {
             // The plugin died or hung: its config is lost, its files are not.
             Err(error) => {
                 let mut saved = session.saved.clone().expect("saved before Create");
-                self.save_files(session.dir.path(), &mut saved).await;
+                self.save_progress(None, session.dir.path(), &mut saved).await;
                 return Err(error);
             }
         }
@@ -700,10 +719,11 @@ impl Driver for DockerMachineDriver {
     }
 
     async fn status(&self, _id: &str) -> Result<State, DriverError> {
-        if self.saved().await?.is_none() {
-            return Ok(State::NotFound);
-        }
-        match self.read("GetState").await {
+        let guard = self.restored(Operation::Status).await?;
+        // Nothing saved: never created, or removed.
+        let Some(session) = guard.as_ref() else { return Ok(State::NotFound) };
+        let (ty, arg) = empty();
+        match call(&session.plugin, Operation::Status, "GetState", &ty, &arg, self.timeout(READ_TIMEOUT)).await {
             Ok(v) => Ok(state_of(v.as_i64().unwrap_or(0))),
             Err(DriverError::NotFound { .. }) => Ok(State::NotFound),
             Err(e) => Err(e),

@@ -99,10 +99,10 @@ impl Drop for Plugin {
 }
 
 impl Plugin {
-    /// Starts `binary` in `dir` (its working and home directory) with only `PATH`, the
-    /// plugin token and the driver's name in its environment, and connects to it. The
-    /// name lets the docker-machine binary itself (linked as
-    /// `docker-machine-driver-<name>`) serve its built-in drivers.
+    /// Starts `binary` in `dir` (its working and home directory) with only `PATH`,
+    /// `HOME`, `TMPDIR` (`dir`'s parent), the plugin token and the driver's name in its
+    /// environment, and connects to it. The name lets the docker-machine binary itself
+    /// (linked as `docker-machine-driver-<name>`) serve its built-in drivers.
     pub async fn start(binary: &Path, driver: &str, dir: &Path, redactor: Redactor) -> Result<Plugin, PluginError> {
         let label = binary.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let mut command = Command::new(binary);
@@ -110,6 +110,9 @@ impl Plugin {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()))
             .env("HOME", dir)
+            // Beside the store directory, so temporary files are not saved with it (and
+            // /tmp may be read-only in a pod).
+            .env("TMPDIR", dir.parent().unwrap_or(dir))
             .env("MACHINE_PLUGIN_TOKEN", "42")
             .env("MACHINE_PLUGIN_DRIVER_NAME", driver)
             .current_dir(dir)
@@ -260,6 +263,24 @@ impl Plugin {
                     None,
                 )))
             }
+        }
+    }
+
+    /// A call given up at `timeout` without killing the plugin (its late reply is
+    /// dropped): for asking how another call is getting on. `None` when it gave up.
+    pub async fn call_or_give_up(
+        &self,
+        method: &str,
+        ty: &Type,
+        arg: &Value,
+        timeout: Duration,
+    ) -> Option<Result<Value, PluginError>> {
+        let full = format!("{}.{method}", self.service);
+        match tokio::time::timeout(timeout, self.rpc.call(&full, ty, arg)).await {
+            Err(_) => None,
+            Ok(Ok(value)) => Some(Ok(value)),
+            Ok(Err(RpcError::Remote(message))) => Some(Err(PluginError::Remote(self.redactor.apply(&message)))),
+            Ok(Err(RpcError::Connection(message))) => Some(Err(PluginError::Failed(message))),
         }
     }
 

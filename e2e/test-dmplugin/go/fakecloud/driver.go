@@ -60,6 +60,8 @@ type Driver struct {
 	Hang               []string // Method
 	Panic              []string // Method or Method=message
 	CrashInCreate      bool
+	BootMillis         int
+	FindByName         bool
 }
 
 // NewDriver returns an empty driver, as plugin mains do (amazonec2.NewDriver("", "")).
@@ -84,6 +86,8 @@ const (
 	FlagHang               = "fakecloud-hang"
 	FlagPanic              = "fakecloud-panic"
 	FlagCrashInCreate      = "fakecloud-crash-in-create"
+	FlagBootMillis         = "fakecloud-boot-millis"
+	FlagFindByName         = "fakecloud-find-by-name"
 )
 
 // CreateFlags is what GetCreateFlags answers, in this order.
@@ -104,6 +108,8 @@ func CreateFlags() []mcnflag.Flag {
 		mcnflag.StringSliceFlag{Name: FlagHang, Usage: "Method: that method never returns", EnvVar: "FAKECLOUD_HANG"},
 		mcnflag.StringSliceFlag{Name: FlagPanic, Usage: "Method[=message]: that method panics", EnvVar: "FAKECLOUD_PANIC"},
 		mcnflag.BoolFlag{Name: FlagCrashInCreate, Usage: "Create makes the instance, then the plugin exits 2 before replying", EnvVar: "FAKECLOUD_CRASH_IN_CREATE"},
+		mcnflag.IntFlag{Name: FlagBootMillis, Usage: "Create records the instance id, then waits this long for it to boot (as amazonec2 waits for running)", EnvVar: "FAKECLOUD_BOOT_MILLIS"},
+		mcnflag.StringFlag{Name: FlagFindByName, Usage: "\"false\": the instance is found by its id only, never by machine name", EnvVar: "FAKECLOUD_FIND_BY_NAME", Value: "true"},
 	}
 }
 
@@ -127,6 +133,8 @@ func (d *Driver) SetConfigFromFlags(opts rpcdriver.DriverOptions) error {
 	d.Hang = opts.StringSlice(FlagHang)
 	d.Panic = opts.StringSlice(FlagPanic)
 	d.CrashInCreate = opts.Bool(FlagCrashInCreate)
+	d.BootMillis = opts.Int(FlagBootMillis)
+	d.FindByName = opts.String(FlagFindByName) != "false"
 	for _, s := range d.Slow {
 		if _, _, err := parseSlow(s); err != nil {
 			return err
@@ -237,6 +245,19 @@ func (d *Driver) Create() error {
 	}
 	d.InstanceID = inst.ID
 	d.IPAddress = inst.IP
+	if d.BootMillis > 0 {
+		// As amazonec2 after RunInstances: the id is known (GetConfigRaw shows it), the
+		// instance is still starting.
+		inst.State = rpcdriver.Starting.String()
+		if err := p.put(inst); err != nil {
+			return err
+		}
+		time.Sleep(time.Duration(d.BootMillis) * time.Millisecond)
+		inst.State = rpcdriver.Running.String()
+		if err := p.put(inst); err != nil {
+			return err
+		}
+	}
 	fmt.Printf("Instance %s is running at %s\n", inst.ID, inst.IP)
 	return nil
 }
@@ -268,6 +289,9 @@ func (d *Driver) instance() (*provider, *Instance, error) {
 		return nil, nil, err
 	}
 	if d.InstanceID == "" {
+		if !d.FindByName {
+			return p, nil, errNotFound
+		}
 		inst, err := p.byMachineName(d.MachineName)
 		if err == nil {
 			d.InstanceID = inst.ID

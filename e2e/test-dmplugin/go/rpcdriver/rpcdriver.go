@@ -305,7 +305,9 @@ func trapPanic(err *error) {
 // panic in any other method kills the plugin.
 func (r *RPCServerDriver) Create(_, _ *struct{}) (err error) {
 	defer trapPanic(&err)
-	return r.call("Create", func(d Driver) error { return d.Create() })
+	// Unlocked, as libmachine's server is: other calls (GetConfigRaw, GetState) are
+	// answered while Create runs.
+	return r.serve("Create", false, func(d Driver) error { return d.Create() })
 }
 
 func (r *RPCServerDriver) DriverName(_ *struct{}, reply *string) error {
