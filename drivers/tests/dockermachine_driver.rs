@@ -270,3 +270,16 @@ async fn killed_during_create_once_the_instance_id_is_known_it_is_adopted_by_tha
     assert_eq!(s.driver(&config).unwrap().remove(&found.id).await.unwrap(), Removal::Done);
     assert!(s.cloud.instances().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_that_serves_get_flags_instead_of_get_create_flags_works_too() {
+    // rancher/machine's plugins answer GetFlags; GetCreateFlags is docker/machine's name.
+    let s = Setup::new(&[("rancher", &[("FAKECLOUD_MISSING_METHODS", "GetCreateFlags")])]);
+    let config = s.config("rancher", serde_json::json!({"fakecloud-disk-size": 30}));
+    let d = s.driver(&config).unwrap();
+    assert_eq!(d.find().await.unwrap(), None, "the flags were read");
+    let id = d.create(&CreateRequest::default()).await.unwrap();
+    assert_eq!(d.status(&id).await.unwrap(), State::Running);
+    assert_eq!(d.remove(&id).await.unwrap(), Removal::Done);
+    assert!(s.cloud.instances().is_empty());
+}
