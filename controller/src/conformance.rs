@@ -271,8 +271,18 @@ impl Run<'_> {
             self.record(progress, operation, started, Verdict::Skipped, "the driver offers no SSH".into());
             return;
         }
+        // A plugin such as docker-machine's `none` (configure it with `ssh: false`).
+        if let Err(DriverError::NotSupported { message, .. }) = self.driver.ssh_endpoint(id).await {
+            self.record(progress, operation, started, Verdict::NotSupported, message);
+            return;
+        }
         let Some(key) = self.key.clone() else {
-            self.record(progress, operation, started, Verdict::Failed, "no SSH key for the instance".into());
+            let detail = if self.driver.makes_own_ssh_key() {
+                "the plugin names no SSH key (GetSSHKeyPath); a plugin without SSH needs `ssh: false` in its config"
+            } else {
+                "no SSH key for the instance"
+            };
+            self.record(progress, operation, started, Verdict::Failed, detail.into());
             return;
         };
         let deadline = Instant::now() + self.config.timeout;

@@ -744,6 +744,10 @@ impl Driver for DockerMachineDriver {
             return Ok(None);
         }
         let host = self.read_string("GetSSHHostname").await?;
+        if host.is_empty() {
+            // Not up yet, or a plugin without SSH (docker-machine's `none` answers "").
+            return Ok(None);
+        }
         let port = self.read("GetSSHPort").await?.as_i64().unwrap_or(22);
         let user = self.read_string("GetSSHUsername").await?;
         let port = u16::try_from(port).map_err(|_| DriverError::transient(format!("GetSSHPort answered {port}")))?;
