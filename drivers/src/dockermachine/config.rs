@@ -47,7 +47,8 @@ pub struct DockerMachineConfig {
     pub ssh: Option<bool>,
     /// How long one plugin call may take, in seconds, before the plugin is killed and the
     /// call counts as a transient failure (default: 1200 for Create and Remove, 600 for
-    /// Start, Stop, Kill and Restart, 120 for the others).
+    /// Start, Stop, Kill and Restart, 120 for the others). The controller's
+    /// `--driver-timeout` (default 600) bounds every driver call as well.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 7200))]
     pub call_timeout_seconds: Option<u32>,
