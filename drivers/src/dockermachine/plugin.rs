@@ -121,6 +121,17 @@ impl Plugin {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
+        // SAFETY: only async-signal-safe calls between fork and exec. The plugin dies with
+        // machinist, should machinist die without closing it (a crash, a SIGKILL),
+        // instead of living on until its heartbeat timeout.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child =
             command.spawn().map_err(|e| PluginError::Failed(format!("cannot start {}: {e}", binary.display())))?;
         let pgid = child.id().and_then(|pid| i32::try_from(pid).ok());
