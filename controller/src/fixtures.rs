@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::Condition;
 use machinist_drivers::fake::FakeConfig;
 use machinist_drivers::{DriverError, DriverSpec, Operation, State};
 

@@ -490,10 +490,7 @@ fn assert_event(call: &Call, type_: &str, reason: &str) -> String {
     event["note"].as_str().unwrap_or_default().to_string()
 }
 
-fn condition<'a>(
-    status: &'a MachineStatus,
-    type_: &str,
-) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+fn condition<'a>(status: &'a MachineStatus, type_: &str) -> &'a machinist::api::Condition {
     status
         .conditions
         .iter()

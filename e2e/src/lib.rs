@@ -479,10 +479,7 @@ impl Drop for Env {
     }
 }
 
-pub fn condition(
-    machine: &Machine,
-    kind: ConditionType,
-) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+pub fn condition(machine: &Machine, kind: ConditionType) -> Option<&machinist::api::Condition> {
     machine.status.as_ref().and_then(|s| get_condition(&s.conditions, kind))
 }
 

@@ -3,9 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema, ResourceExt};
 use machinist_drivers::{Address, DriverSpec, Operation, State};
+
+use super::Condition;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 

@@ -3,7 +3,7 @@
 mod conditions;
 mod machine;
 
-pub use conditions::{ConditionType, get_condition, set_condition, set_condition_status};
+pub use conditions::{Condition, ConditionType, Text, get_condition, set_condition, set_condition_status};
 pub use machine::*;
 
 /// The finalizer machinist puts on every Machine before its first driver call.

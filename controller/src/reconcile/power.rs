@@ -303,7 +303,7 @@ fn hold_back(
             if let Some(kept) = kept {
                 status.conditions.retain(|c| c.type_ != kept.type_);
                 status.conditions.push(kept);
-                let order = |c: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition| {
+                let order = |c: &crate::api::Condition| {
                     ConditionType::ALL.iter().position(|k| k.as_str() == c.type_).unwrap_or(usize::MAX)
                 };
                 status.conditions.sort_by_key(order);
