@@ -247,6 +247,7 @@ mod tests {
         assert_eq!((upstream.type_.as_str(), upstream.reason.as_str()), (a.type_.as_str(), a.reason.as_str()));
         assert!(Arc::ptr_eq(&a.reason.0, &b.reason.0), "one shared copy of the reason, not one per Machine");
         assert!(Arc::ptr_eq(&a.status.0, &b.status.0));
-        assert!(a.type_ == "Ready" && "Ready" == a.type_ && a.status != "False");
+        assert_eq!(a.type_, "Ready");
+        assert!(a.status != "False");
     }
 }
