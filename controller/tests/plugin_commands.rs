@@ -4,7 +4,7 @@
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use machinist_test_dmplugin::{FakeCloud, plugin_binary, plugin_dir_with};
+use machinist_test_dmplugin::{FakeCloud, plugin_binary, plugin_dir_with, processes_with_home_under};
 use machinist_test_sshd::TestSshd;
 
 fn machinist(args: &[&str]) -> Output {
@@ -150,18 +150,6 @@ fn an_interrupted_run_removes_what_it_created() {
     assert!(s.cloud.instances().is_empty(), "removed after the interrupt: {:?}", s.cloud.instances());
 }
 
-/// Plugin processes whose store directory is under `dir`.
-fn plugins_under(dir: &std::path::Path) -> usize {
-    let home = format!("HOME={}", dir.display());
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()))
-        .filter_map(|e| std::fs::read(e.path().join("environ")).ok())
-        .filter(|env| env.split(|b| *b == 0).any(|var| var.starts_with(home.as_bytes())))
-        .count()
-}
-
 #[test]
 fn a_plugin_dies_with_a_killed_machinist_rather_than_at_its_heartbeat_timeout() {
     let s = Setup::new();
@@ -174,7 +162,7 @@ fn a_plugin_dies_with_a_killed_machinist_rather_than_at_its_heartbeat_timeout() 
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while s.cloud.instances().is_empty() || plugins_under(tmp.path()) == 0 {
+    while s.cloud.instances().is_empty() || processes_with_home_under(tmp.path()) == 0 {
         assert!(Instant::now() < deadline, "never created");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -184,7 +172,7 @@ fn a_plugin_dies_with_a_killed_machinist_rather_than_at_its_heartbeat_timeout() 
     child.wait().unwrap();
     // Its heartbeat timeout is 10 s; dying with machinist takes a moment.
     let deadline = Instant::now() + Duration::from_secs(3);
-    while plugins_under(tmp.path()) > 0 {
+    while processes_with_home_under(tmp.path()) > 0 {
         assert!(Instant::now() < deadline, "the plugin outlived machinist");
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -10,7 +10,7 @@ use machinist_drivers::{
     CreateRequest, Credentials, Driver, DriverError, DriverSpec, Drivers, MachineRef, MemoryStateStore, Removal, State,
     StateStore,
 };
-use machinist_test_dmplugin::{FakeCloud, plugin_binary, plugin_dir_with};
+use machinist_test_dmplugin::{FakeCloud, plugin_binary, plugin_dir_with, processes_with_home_under};
 
 const TOKEN: &str = "tok-s3cret-42";
 
@@ -60,14 +60,7 @@ impl Setup {
     /// Plugin processes of this test still running: their HOME is a store directory
     /// under this test's work directory.
     fn processes(&self) -> usize {
-        let home = format!("HOME={}", self.work.path().display());
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()))
-            .filter_map(|e| std::fs::read(e.path().join("environ")).ok())
-            .filter(|env| env.split(|b| *b == 0).any(|var| var.starts_with(home.as_bytes())))
-            .count()
+        processes_with_home_under(self.work.path())
     }
 
     async fn no_process_left(&self) {

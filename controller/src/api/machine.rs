@@ -346,11 +346,17 @@ impl Machine {
 
     /// The Secret holding the driver's state (see [`Machine::keeps_driver_state`]).
     pub fn driver_state_secret_name(&self) -> String {
+        self.owned_secret_name("-driver-state")
+    }
+
+    /// The name of a Secret machinist makes for this Machine: `<machine><suffix>`, or
+    /// `machine-<uid><suffix>` when that would pass the 253 characters a name may have.
+    pub fn owned_secret_name(&self, suffix: &str) -> String {
         let name = self.name_any();
-        if name.len() <= 240 {
-            format!("{name}-driver-state")
+        if name.len() + suffix.len() <= 253 {
+            format!("{name}{suffix}")
         } else {
-            format!("machine-{}-driver-state", self.uid().unwrap_or_default())
+            format!("machine-{}{suffix}", self.uid().unwrap_or_default())
         }
     }
 

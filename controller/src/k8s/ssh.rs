@@ -32,12 +32,7 @@ pub struct MachineKey {
 
 /// The Secret machinist generates for a Machine without `spec.ssh.keySecretRef`.
 pub fn generated_secret_name(machine: &Machine) -> String {
-    let name = machine.name_any();
-    if name.len() <= 245 {
-        format!("{name}-ssh-key")
-    } else {
-        format!("machine-{}-ssh-key", machine.uid().unwrap_or_default())
-    }
+    machine.owned_secret_name("-ssh-key")
 }
 
 /// The Machine's key: from `spec.ssh.keySecretRef` (never changed or deleted by

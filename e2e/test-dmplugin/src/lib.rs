@@ -384,6 +384,21 @@ pub fn gob_decode_with_go(kind: &str, bytes: &[u8]) -> String {
         .unwrap_or_else(|e| panic!("Go could not decode the bytes as {kind}: {e}\nbytes: {bytes:02x?}"))
 }
 
+/// How many processes run with their `HOME` under `dir`: machinist starts each plugin
+/// with `HOME` set to its store directory, so a test that gives machinist a work
+/// directory of its own counts its own plugins (zombies, whose environment is gone, are
+/// not counted).
+pub fn processes_with_home_under(dir: &Path) -> usize {
+    let home = format!("HOME={}", dir.display());
+    let Ok(entries) = fs::read_dir("/proc") else { return 0 };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()))
+        .filter_map(|e| fs::read(e.path().join("environ")).ok())
+        .filter(|env| env.split(|b| *b == 0).any(|var| var.starts_with(home.as_bytes())))
+        .count()
+}
+
 /// The path of plugin `name` in a plugin directory: `<dir>/docker-machine-driver-<name>`.
 pub fn plugin_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("docker-machine-driver-{name}"))
