@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::reflector::{ObjectRef, Store, reflector};
@@ -133,11 +133,12 @@ pub async fn run(
         background.0.push(tokio::spawn(metrics::serve(listener, metrics.clone(), ready.clone())));
     }
 
-    let machines: Api<DeserializeGuard<Machine>> = k8s::namespaced_or_all(&client, config.namespace.as_deref());
-    // The cache keeps what reconcile reads and no more (see `prune`).
+    // Machines are read without their managedFields, and the cache keeps what reconcile
+    // reads and no more (see `prune`).
+    let machines: Api<k8s::WatchedMachine> = k8s::namespaced_or_all(&client, config.namespace.as_deref());
     let writer = kube::runtime::reflector::store::Writer::<DeserializeGuard<Machine>>::default();
     let store = writer.as_reader();
-    let watch = watcher(machines, watcher::Config::default().any_semantic()).modify(prune);
+    let watch = watcher(machines, watcher::Config::default().any_semantic()).map_ok(k8s::into_guarded).modify(prune);
     let controller = Controller::for_stream(reflector(writer, watch).applied_objects(), store.clone());
     // A Secret that appears or changes brings the Machines that use it back at once: a
     // missing credentials Secret created, credentials rotated or fixed. The Secrets in use
@@ -153,9 +154,15 @@ pub async fn run(
     let others: Api<PartialObjectMeta<Secret>> = k8s::namespaced_or_all(&client, config.namespace.as_deref());
     let others_config = watcher::Config::default().labels(&format!("!{SECRET_GUARDED_LABEL}")).any_semantic();
     let (users, other_users) = (store.clone(), store.clone());
+    let secret_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (changes, other_changes) = (secret_changes.clone(), secret_changes.clone());
     let controller = controller
-        .watches_stream(guarded, move |secret: Secret| machines_using(&users, secret.namespace(), &secret.name_any()))
+        .watches_stream(guarded, move |secret: Secret| {
+            changes.fetch_add(1, Ordering::SeqCst);
+            machines_using(&users, secret.namespace(), &secret.name_any())
+        })
         .watches(others, others_config, move |secret| {
+            other_changes.fetch_add(1, Ordering::SeqCst);
             machines_using(&other_users, secret.namespace(), &secret.name_any())
         })
         .with_config(controller::Config::default().concurrency(config.concurrency))
@@ -181,6 +188,7 @@ pub async fn run(
         secret_locks: Default::default(),
         machine_cache: Some(store.clone()),
         release_checks: Default::default(),
+        secret_changes: secret_changes.clone(),
     });
     background.0.push(tokio::spawn(count_phases(store.clone(), metrics.clone())));
     background.0.push(tokio::spawn(sweep_secrets(

@@ -324,6 +324,7 @@ impl Harness {
             secret_locks: Default::default(),
             machine_cache: None,
             release_checks: Default::default(),
+            secret_changes: Default::default(),
         });
         Harness { server, ctx, _dir: dir }
     }
@@ -338,8 +339,15 @@ impl Harness {
         self.server.state.lock().unwrap().machine.is_none()
     }
 
-    /// One reconcile of the stored Machine; fails the test instead of hanging.
+    /// One later reconcile of the stored Machine (a poll, or a change): the echo window
+    /// of the last write has passed. Fails the test instead of hanging.
     async fn reconcile(&self) -> Result<Action, Error> {
+        self.ctx.written.expire_settled();
+        self.reconcile_echo().await
+    }
+
+    /// The reconcile that the watch event of machinist's own last write brings at once.
+    async fn reconcile_echo(&self) -> Result<Action, Error> {
         self.reconcile_guard(DeserializeGuard(Ok(self.machine()))).await
     }
 
@@ -594,6 +602,65 @@ async fn converged_machine_causes_no_writes() {
     assert_eq!(instances[0].state, State::Running);
     assert_eq!(instances[0].calls("Create"), 1);
     assert_eq!(instances[0].calls("Start"), 0, "nothing but Create was ever called");
+}
+
+/// Converges a Machine (Create, then Ready), stops its instance out of band, and returns
+/// the last reconcile's requeue: any later reconcile that asks the driver shows the stop.
+async fn converge_then_stop_out_of_band(h: &Harness) -> Duration {
+    h.reconcile().await.expect("create");
+    let action = h.reconcile_echo().await.expect("the echo of the providerID write observes Running");
+    expect_calls(h.take_calls(), &["status", "event:Normal/Created", "status", "event:Normal/Ready"]);
+    assert_poll(&action);
+    let id = h.instances()[0].id.clone();
+    h.ctx.drivers.fake_store().set_state(UID, &id, State::Stopped).expect("stopped out of band");
+    requeue_after(&action).expect("a poll")
+}
+
+#[tokio::test]
+async fn the_echo_of_a_settled_write_asks_the_provider_nothing_and_keeps_the_poll() {
+    let h = Harness::new(&Machine::test().finalized());
+    let poll = converge_then_stop_out_of_band(&h).await;
+
+    // The watch delivers the Ready write: nothing to decide that the writer did not.
+    let action = h.reconcile_echo().await.expect("the echo reconcile succeeds");
+    h.assert_silent().await;
+    let after = requeue_after(&action).expect("the writer's poll is kept");
+    assert!(after <= poll && after + Duration::from_secs(1) >= poll, "about {poll:?} still, got {after:?}");
+    assert_eq!(h.instances()[0].state, State::Stopped, "no Start: the driver was not asked");
+
+    // The poll then finds the stop.
+    h.reconcile().await.expect("the poll succeeds");
+    expect_calls(h.take_calls(), &["status", "event:Warning/StoppedOutOfBand", "status", "event:Normal/Started"]);
+}
+
+#[tokio::test]
+async fn a_secret_change_since_the_settled_write_reconciles_its_echo_in_full() {
+    let h = Harness::new(&Machine::test().finalized());
+    converge_then_stop_out_of_band(&h).await;
+    h.ctx.secret_changes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+
+    h.reconcile_echo().await.expect("the reconcile succeeds");
+
+    expect_calls(h.take_calls(), &["status", "event:Warning/StoppedOutOfBand", "status", "event:Normal/Started"]);
+}
+
+#[tokio::test]
+async fn a_change_by_someone_else_after_the_settled_write_is_reconciled_in_full() {
+    let h = Harness::new(&Machine::test().finalized());
+    converge_then_stop_out_of_band(&h).await;
+    {
+        // A label added: a newer resourceVersion than machinist's write.
+        let mut state = h.server.state.lock().unwrap();
+        state.resource_version += 1;
+        let version = state.resource_version.to_string();
+        let machine = state.machine.as_mut().unwrap();
+        machine["metadata"]["labels"] = json!({"team": "a"});
+        machine["metadata"]["resourceVersion"] = json!(version);
+    }
+
+    h.reconcile_echo().await.expect("the reconcile succeeds");
+
+    expect_calls(h.take_calls(), &["status", "event:Warning/StoppedOutOfBand", "status", "event:Normal/Started"]);
 }
 
 #[tokio::test]

@@ -37,7 +37,7 @@ pub async fn add(api: &Api<Machine>, machine: &Machine, written: &WrittenStatuse
             { "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER },
         ])
     };
-    match api.patch(&machine.name_any(), &params(), &patch(operations)).await {
+    match super::wire::answers_of(api, machine).patch(&machine.name_any(), &params(), &patch(operations)).await {
         Ok(patched) => {
             if let (Some(uid), Some(version)) = (patched.uid(), patched.resource_version()) {
                 written.record(uid, version);
@@ -60,7 +60,7 @@ pub async fn remove(api: &Api<Machine>, machine: &Machine) -> Result<bool, Error
         { "op": "test", "path": path, "value": FINALIZER },
         { "op": "remove", "path": path },
     ]);
-    match api.patch(&machine.name_any(), &params(), &patch(operations)).await {
+    match super::wire::answers_of(api, machine).patch(&machine.name_any(), &params(), &patch(operations)).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(true),
         Err(kube::Error::Api(e)) if e.code == 422 => Ok(false),

@@ -17,6 +17,7 @@ use tracing::{debug, info, instrument, warn};
 
 use super::events::EventNote;
 use super::patch_status;
+use super::status::Freshness;
 use crate::api::{ACCEPT_HOST_KEY_ANNOTATION, FIELD_MANAGER, FINALIZER, Machine, MachineStatus, SecretUse};
 use crate::reconcile::{self, CleanupNext, Input, Note, Observed, Outcome, Planned, Settings, Step, whole_seconds};
 
@@ -43,6 +44,8 @@ pub struct Context {
     /// The controller's Machine cache, for what uses a Secret; `None`: ask the API.
     pub machine_cache: Option<kube::runtime::reflector::Store<DeserializeGuard<Machine>>>,
     pub release_checks: super::secrets::ReleaseChecks,
+    /// Secret changes seen by the watches that wake Machines (see `WrittenStatuses`).
+    pub secret_changes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Consecutive reconciles of a Machine that failed on the Kubernetes API, so they back
@@ -106,11 +109,17 @@ impl Error {
 /// The controller's reconcile function.
 #[instrument(skip_all, fields(machine = %obj_name(&obj), namespace = obj_namespace(&obj)))]
 pub async fn reconcile(obj: Arc<DeserializeGuard<Machine>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let secret_changes = ctx.secret_changes.load(std::sync::atomic::Ordering::SeqCst);
     let machine = match &obj.0 {
-        // The watch has not delivered our last status write yet: it is on its way and
-        // wakes this Machine again; deciding now would be from an older status.
-        Ok(machine) if !ctx.written.is_current(machine) => return Ok(Action::requeue(Duration::from_millis(500))),
-        Ok(machine) => Arc::new(machine.clone()),
+        Ok(machine) => match ctx.written.freshness(machine, secret_changes) {
+            // The watch has not delivered our last status write yet: it is on its way
+            // and wakes this Machine again; deciding now would be from an older status.
+            Freshness::Behind => return Ok(Action::requeue(Duration::from_millis(500))),
+            // What the last reconcile settled on and nothing since: no need to ask the
+            // provider again before the requeue it asked for.
+            Freshness::Echo(requeue_in) => return Ok(Action::requeue(requeue_in)),
+            Freshness::Current => Arc::new(machine.clone()),
+        },
         Err(invalid) => return Err(report_invalid_object(invalid, &ctx).await),
     };
     let ns = machine.namespace().unwrap_or_default();
@@ -122,7 +131,13 @@ pub async fn reconcile(obj: Arc<DeserializeGuard<Machine>>, ctx: Arc<Context>) -
         // The finalizer is on the object before the first driver call; its watch event
         // brings the reconcile that goes on.
         (false, false) => super::finalizer::add(&api, &machine, &ctx.written).await.map(|()| Action::await_change()),
-        (false, true) => apply(&api, &machine, &ctx).await,
+        (false, true) => apply(&api, &machine, &ctx).await.map(|requeue_after| {
+            // Settled: the echo of its last write needs no reconcile of its own.
+            if let Some(after) = requeue_after.filter(|after| *after > ctx.settings.progress_interval) {
+                ctx.written.settle(&machine, after, ctx.settings.progress_interval, secret_changes);
+            }
+            requeue(requeue_after)
+        }),
         (true, true) => match cleanup(&api, &machine, &ctx).await {
             Ok(action) => match super::finalizer::remove(&api, &machine).await {
                 // Only once the Machine is let go: its Secrets, unless another uses them.
@@ -229,7 +244,9 @@ async fn consume_accept_annotation(api: &Api<Machine>, machine: &Machine, status
     }
 }
 
-async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<Action, Error> {
+/// Reconciles a Machine that is not being deleted; returns when to come back (`None`:
+/// on its next change).
+async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<Option<Duration>, Error> {
     let (driver, mut observed, mut secrets) =
         if machine.is_paused() { (None, Observed::NoInstance, None) } else { observe(machine, ctx).await? };
     // A restart whose result was never recorded: did it happen? (Exactly once where the
@@ -294,7 +311,7 @@ async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<A
         publish(ctx, machine, &plan.notes).await;
         consume_accept_annotation(api, machine, &plan.status).await?;
         release_dropped(ctx, machine, secrets.as_deref()).await;
-        return Ok(requeue(plan.requeue));
+        return Ok(plan.requeue);
     };
 
     // Show the step under way, except for Create (its first write is the providerID)
@@ -315,7 +332,7 @@ async fn apply(api: &Api<Machine>, machine: &Machine, ctx: &Context) -> Result<A
     publish(ctx, machine, &recorded.notes).await;
     consume_accept_annotation(api, machine, &recorded.status).await?;
     release_dropped(ctx, machine, secrets.as_deref()).await;
-    Ok(requeue(recorded.requeue))
+    Ok(recorded.requeue)
 }
 
 /// Releases the Secrets the Machine used until now and no longer names (its status
