@@ -429,6 +429,10 @@ async fn run_once(
         println!("API writes per Machine: not counted against a real cluster");
     }
 
+    // Idle: everything converged; nothing should be written. The window opens a moment
+    // after the last Machine turned Ready, once the Events about that have gone out (and
+    // the reconciles the watch brings for the Ready writes have run).
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let reconciles = process.metric("machinist_reconciles_total").await?;
     let driver_calls = process.metric("machinist_driver_call_duration_seconds_count{driver=\"fake\"").await?;
     println!(
@@ -436,10 +440,6 @@ async fn run_once(
         reconciles / n as f64,
         driver_calls / n as f64
     );
-
-    // Idle: everything converged; nothing should be written. The window opens a moment
-    // after the last Machine turned Ready, once the Events about that have gone out.
-    tokio::time::sleep(Duration::from_secs(2)).await;
     if let Some(s) = server {
         s.reset_write_counts();
     }
