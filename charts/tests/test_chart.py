@@ -519,6 +519,7 @@ def test_plugins_from_images_are_copied_by_init_containers(chart: helm.Chart) ->
     assert {"name": "plugin-work", "mountPath": "/var/lib/machinist/plugin-work"} in mounts
     assert "--driver-plugin-dir=/opt/machinist/plugins" in args(objects)
     assert "--driver-plugin-work-dir=/var/lib/machinist/plugin-work" in args(objects)
+    assert pod["shareProcessNamespace"] is True, "the pause process reaps what plugins leave behind"
 
 
 def test_plugins_from_a_volume_and_none_by_default(chart: helm.Chart) -> None:
@@ -528,9 +529,11 @@ def test_plugins_from_a_volume_and_none_by_default(chart: helm.Chart) -> None:
     assert {"name": "plugins", "persistentVolumeClaim": {"claimName": "machinist-plugins"}} in pod["volumes"]
     assert {"name": "plugins", "mountPath": "/plugins", "readOnly": True} in container(objects)["volumeMounts"]
     assert "--driver-plugin-dir=/plugins" in args(objects)
+    assert pod["shareProcessNamespace"] is True
     objects = render(chart, {})
     assert not [a for a in args(objects) if a.startswith("--driver-plugin")]
     assert "initContainers" not in one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert "shareProcessNamespace" not in one(objects, "Deployment")["spec"]["template"]["spec"]
     with pytest.raises(Exception, match="not both"):
         render_files(chart, {"plugins": {**CASES["plugin-images"]["plugins"], **CASES["plugin-volume"]["plugins"]}})
 
