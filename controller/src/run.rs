@@ -170,6 +170,9 @@ pub async fn run(
     // With leader election, nothing acts on an instance until the Lease is held, nor
     // after the renew deadline of the last renewal.
     let fence = if config.leader_election.is_some() { Fence::closed() } else { Fence::unfenced() };
+    // Reconciles do not wait for their Events' requests (see `EventPublisher::queued`).
+    let (events, event_workers) = k8s::EventPublisher::new(client.clone(), "machinist", config.instance.clone())
+        .queued(EVENT_WORKERS, EVENT_QUEUE);
     let ctx = Arc::new(Context {
         client: client.clone(),
         drivers: match (&config.instance, config.fake_call_journal) {
@@ -177,7 +180,7 @@ pub async fn run(
             _ => Drivers::new(&config.fake_state_dir),
         }
         .with_plugins(plugins),
-        events: k8s::EventPublisher::new(client.clone(), "machinist", config.instance.clone()),
+        events,
         settings: config.settings.clone(),
         driver_call_timeout: config.driver_call_timeout,
         metrics: metrics.clone(),
@@ -226,6 +229,7 @@ pub async fn run(
             "machinist controller started"
         );
         reconciling.await;
+        event_workers.finish(EVENT_FLUSH).await;
         info!("machinist controller stopped");
         return Ok(());
     };
@@ -245,6 +249,7 @@ pub async fn run(
     );
     tokio::select! {
         _ = reconciling => {
+            event_workers.finish(EVENT_FLUSH).await;
             elector.release().await;
             info!("machinist controller stopped");
             Ok(())
@@ -255,6 +260,13 @@ pub async fn run(
         }
     }
 }
+
+/// Event publishing: workers (so that one slow request does not hold up the others),
+/// the Events each may have queued before a reconcile waits for room, and how long a
+/// graceful stop waits for what is queued.
+const EVENT_WORKERS: usize = 8;
+const EVENT_QUEUE: usize = 16;
+const EVENT_FLUSH: Duration = Duration::from_secs(3);
 
 /// Runs the controller's stream to its end, but no longer than `timeout` after
 /// `shutdown`: a driver call that would outlast the pod's grace period is cut short here

@@ -20,7 +20,7 @@ use kube::core::error_boundary::InvalidObject;
 use kube::runtime::controller::Action;
 use kube::{Client, Resource, ResourceExt};
 use machinist::api::{FINALIZER, Machine, MachineSpec, MachineStatus};
-use machinist::k8s::{Context, Error, EventPublisher, error_policy, reconcile};
+use machinist::k8s::{Context, Error, EventNote, EventPublisher, error_policy, reconcile};
 use machinist::metrics::Metrics;
 use machinist::reconcile::Settings;
 use machinist_drivers::fake::InstanceRecord;
@@ -661,6 +661,34 @@ async fn a_change_by_someone_else_after_the_settled_write_is_reconciled_in_full(
     h.reconcile_echo().await.expect("the reconcile succeeds");
 
     expect_calls(h.take_calls(), &["status", "event:Warning/StoppedOutOfBand", "status", "event:Normal/Started"]);
+}
+
+/// As the controller publishes them: from background workers. The Events of one object
+/// keep their order (a series after its first Event), and a stop lets the queued ones out.
+#[tokio::test]
+async fn queued_events_keep_their_order_and_go_out_at_the_stop() {
+    let h = Harness::new(&Machine::test());
+    let (events, workers) = EventPublisher::new(h.ctx.client.clone(), "machinist", Some("test".into())).queued(4, 2);
+    let reference = Machine::test().object_ref(&());
+    for attempt in 1..=3 {
+        let note = format!("attempt {attempt}");
+        let event = EventNote { warning: true, reason: "CreateFailed", action: "Create", note: &note };
+        events.publish(&reference, &event).await.expect("queued");
+    }
+    let created = EventNote { warning: false, reason: "Created", action: "Create", note: "created instance i-1" };
+    events.publish(&reference, &created).await.expect("queued");
+
+    workers.finish(Duration::from_secs(5)).await;
+
+    let calls = expect_calls(
+        h.take_calls(),
+        &["event:Warning/CreateFailed", "event-series:2", "event-series:3", "event:Normal/Created"],
+    );
+    assert_eq!(calls[1].path, calls[2].path, "the repeats bump the first Event's series");
+    assert!(calls[1].path.ends_with(calls[0].body["metadata"]["name"].as_str().unwrap()));
+    // Nothing more is taken after the stop.
+    events.publish(&reference, &created).await.expect("a stopped publisher drops Events quietly");
+    h.assert_silent().await;
 }
 
 #[tokio::test]

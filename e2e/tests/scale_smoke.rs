@@ -37,7 +37,7 @@ fn scale_benchmark_runs_at_small_n() {
     // change while Machines converge makes some reconciles full ones, hence the margin.
     for line in stdout.lines().filter(|l| l.starts_with("until Ready and its echo:")) {
         let calls: f64 = line
-            .split(" reconciles and ")
+            .split(" ms) and ")
             .nth(1)
             .and_then(|rest| rest.split(' ').next())
             .and_then(|n| n.parse().ok())

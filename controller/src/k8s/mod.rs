@@ -14,7 +14,7 @@ mod wire;
 
 pub use client::{namespaced_or_all, with_request_timeout};
 pub use crd::{CrdError, wait_for_crd};
-pub use events::{EventNote, EventPublisher};
+pub use events::{EventNote, EventPublisher, EventWorkers};
 pub use machine::{Context, Error, error_policy, reconcile};
 pub use secrets::{SecretCache, SweepFrom, sweep as sweep_secrets};
 pub use ssh::{MachineKey, generated_secret_name};
