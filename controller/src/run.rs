@@ -249,8 +249,9 @@ pub async fn run(
     );
     tokio::select! {
         _ = reconciling => {
-            event_workers.finish(EVENT_FLUSH).await;
+            // The Lease first, so a standby takes over without waiting for Events.
             elector.release().await;
+            event_workers.finish(EVENT_FLUSH).await;
             info!("machinist controller stopped");
             Ok(())
         }
