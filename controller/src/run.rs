@@ -196,6 +196,7 @@ pub async fn run(
     background.0.push(tokio::spawn(count_phases(store.clone(), metrics.clone())));
     background.0.push(tokio::spawn(sweep_secrets(
         client.clone(),
+        fence.clone(),
         config.namespace.clone(),
         secret_cache,
         store.clone(),
@@ -378,12 +379,13 @@ impl Drop for Background {
     }
 }
 
-/// Releases, at start and then every ten minutes, guarded Secrets that no Machine uses
+/// Releases, once leading and then every ten minutes, guarded Secrets that no Machine uses
 /// (left by a controller stopped between letting a Machine go and releasing them). At
 /// start from the API; then from the caches, which costs no API read when there is
 /// nothing to release.
 async fn sweep_secrets(
     client: Client,
+    fence: Fence,
     namespace: Option<String>,
     secrets: k8s::SecretCache,
     machines: Store<DeserializeGuard<Machine>>,
@@ -395,9 +397,15 @@ async fn sweep_secrets(
         } else {
             k8s::SweepFrom::Api
         };
-        match k8s::sweep_secrets(&client, namespace.as_deref(), from).await {
-            Ok(()) => swept_api = true,
-            Err(error) => debug!(%error, "sweeping unused guarded Secrets failed; trying again later"),
+        // Only the leader lets go of Secrets: a standby's sweep could race the leader
+        // guarding one for a new Machine.
+        match fence.guard(k8s::sweep_secrets(&client, namespace.as_deref(), from)).await {
+            None => {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+            Some(Ok(())) => swept_api = true,
+            Some(Err(error)) => debug!(%error, "sweeping unused guarded Secrets failed; trying again later"),
         }
         tokio::time::sleep(Duration::from_secs(600)).await;
     }

@@ -5,10 +5,14 @@
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{DeleteParams, Patch};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{DeleteParams, Patch, PostParams};
 use kube::{Api, ResourceExt};
 use machinist::api::{ConditionType, Machine, SECRET_FINALIZER, SECRET_GUARDED_LABEL};
+use machinist::leader::{LeaderElectionConfig, LeaseTimings};
 use machinist::reconcile::Settings;
 use machinist::run::RunConfig;
 use machinist_e2e::{Backend, Env, condition, ensure_eq, fake_machine, test_settings};
@@ -217,5 +221,41 @@ async fn machines_sharing_a_secret_deleted_at_once_release_it_with_one_list() ->
         let made = server.read_counts().get("machines", "LIST") - before;
         ensure!(made <= 3, "{made} lists of the namespace's Machines to release one Secret");
     }
+    env.cleanup().await
+}
+
+/// A guarded Secret that no Machine uses (left by a controller stopped between letting its
+/// last Machine go and releasing the Secret) is released by the leader's sweep, and never
+/// by a standby, which could race the leader guarding it for a new Machine.
+#[tokio::test]
+async fn an_unused_guarded_secret_is_released_by_the_leader_not_by_a_standby() -> Result<()> {
+    let mut env = Env::idle("secretsweep").await?;
+    create_secret(&env, "left").await?;
+    let guard = json!({ "metadata": {
+        "finalizers": [SECRET_FINALIZER], "labels": { SECRET_GUARDED_LABEL: "true" } } });
+    secrets_api(&env).patch("left", &Default::default(), &Patch::Merge(guard)).await?;
+    // Another replica holds the Lease for an hour: this one stands by.
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &env.namespace);
+    let lease: Lease = serde_json::from_value(json!({
+        "metadata": { "name": "machinist-sweep" },
+        "spec": { "holderIdentity": "the-leader", "leaseDurationSeconds": 3600,
+                  "renewTime": MicroTime(Timestamp::now()) }
+    }))?;
+    leases.create(&PostParams::default(), &lease).await?;
+    let standby = env.spawn_controller(RunConfig {
+        leader_election: Some(LeaderElectionConfig {
+            namespace: env.namespace.clone(),
+            lease_name: "machinist-sweep".into(),
+            identity: "standby".into(),
+            timings: LeaseTimings::for_lease_duration(Duration::from_secs(60)),
+        }),
+        ..env.run_config()
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(guarded(&secrets_api(&env).get("left").await?), "a standby released the Secret");
+    standby.stop().await?;
+
+    env.start_controller();
+    wait_secret(&env, "left", "released by the leader", |s| s.is_some_and(|s| !guarded(s))).await?;
     env.cleanup().await
 }

@@ -248,7 +248,14 @@ pub async fn release_unused(ctx: &Context, machine: &Machine, names: impl IntoIt
             debug!(secret = %name, "another Machine uses the Secret: it stays protected");
             continue;
         }
-        ctx.release_checks.schedule(ctx.client.clone(), cache.clone(), ns.clone(), name, uid.clone());
+        ctx.release_checks.schedule(
+            ctx.client.clone(),
+            ctx.fence.clone(),
+            cache.clone(),
+            ns.clone(),
+            name,
+            uid.clone(),
+        );
     }
 }
 
@@ -266,6 +273,7 @@ impl ReleaseChecks {
     fn schedule(
         &self,
         client: kube::Client,
+        fence: crate::leader::Fence,
         machines: kube::runtime::reflector::Store<DeserializeGuard<Machine>>,
         ns: String,
         name: String,
@@ -293,8 +301,10 @@ impl ReleaseChecks {
                 }
                 Err(_) => true,
             });
-            if !used {
-                release_confirmed(&client, &ns, vec![name]).await;
+            // Like every action, only while this replica leads: a deposed leader's check
+            // could race the new leader guarding the Secret for a new Machine.
+            if !used && fence.guard(release_confirmed(&client, &ns, vec![name.clone()])).await.is_none() {
+                debug!(secret = %name, "not leading: the release check is left to the leader's sweep");
             }
         });
     }
