@@ -13,9 +13,9 @@ use kube::core::DeserializeGuard;
 use kube::core::error_boundary::InvalidObject;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
+use serde::Deserialize;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{DeserializeSeed, Deserializer, Error as _, IgnoredAny, IntoDeserializer, MapAccess, Visitor};
-use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::api::{Machine, MachineSpec, MachineStatus};
@@ -63,7 +63,7 @@ pub fn into_guarded(event: watcher::Event<WatchedMachine>) -> watcher::Event<Des
 /// A Machine's metadata alone: how the answer to one of machinist's writes is read, since
 /// all it needs of it is the resourceVersion the write made. Requests through an
 /// `Api<MachineMeta>` go to the Machine's own URLs.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 pub struct MachineMeta {
     #[serde(default)]
     pub metadata: LeanMeta,
@@ -91,8 +91,7 @@ struct MetadataOnly {
 }
 
 /// `ObjectMeta` read without its `managedFields`, which are skipped unparsed.
-#[derive(Clone, Debug, Default, Serialize)]
-#[serde(transparent)]
+#[derive(Clone, Debug, Default)]
 pub struct LeanMeta(pub ObjectMeta);
 
 impl<'de> Deserialize<'de> for LeanMeta {
