@@ -19,7 +19,9 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config, ResourceExt};
-use machinist::api::{ConditionType, Machine, get_condition};
+use machinist::api::{ConditionType, Machine, MachineStatus, SecretUse, get_condition};
+use machinist::reconcile;
+use machinist_drivers::{Address, AddressType, State};
 use machinist_test_apiserver::{TestApiServer, WriteCounts};
 
 struct Args {
@@ -256,10 +258,66 @@ fn writes_by_kind(counts: &WriteCounts) -> BTreeMap<&'static str, u64> {
     by
 }
 
+/// A Machine of the benchmark: the fake driver (`fake`: its config), one credentials
+/// Secret, as Machines of one provider account have.
+fn scale_machine_with(name: &str, fake: &str) -> Result<Machine> {
+    Ok(serde_yaml::from_str(&format!(
+        "apiVersion: machinist.dev/v1alpha1\nkind: Machine\nmetadata: {{name: {name}}}\n\
+         spec: {{driver: {{fake: {fake}}}, credentialsSecretRef: {{name: credentials}}}}\n"
+    ))?)
+}
+
+fn scale_machine(name: &str) -> Result<Machine> {
+    scale_machine_with(name, "{}")
+}
+
+/// The two statuses the controller writes for a fake Machine on its way to Ready: once
+/// created (its providerID), then Ready. Made by the controller's own decision code, so
+/// the ceiling writes the same objects as the controller does, and as large.
+fn controller_statuses(machine: &Machine, index: usize) -> Result<[MachineStatus; 2]> {
+    let settings = reconcile::Settings::default();
+    let credentials =
+        SecretUse { field: "spec.credentialsSecretRef".into(), name: "credentials".into(), ..Default::default() };
+    let input = |machine, observed| reconcile::Input {
+        machine,
+        observed,
+        offers_ssh: false,
+        ssh_key_secret: None,
+        secrets: Some(vec![credentials.clone()]),
+        first_contact_host_key: None,
+        power_changed_since_intent: None,
+        now: reconcile::whole_seconds(jiff::Timestamp::now()),
+        jitter: 0.5,
+        settings: &settings,
+    };
+    let plan = reconcile::plan(&input(machine, reconcile::Observed::NoInstance));
+    let planned = plan.step.clone().context("the controller would not create the instance")?;
+    let id = format!("fake-{index:012x}");
+    let created = reconcile::record(
+        &input(machine, reconcile::Observed::NoInstance),
+        &plan,
+        &planned,
+        reconcile::Outcome::Created(id.clone()),
+    )
+    .status;
+    let mut after_create = machine.clone();
+    after_create.status = Some(created.clone());
+    let addresses = vec![
+        Address { kind: AddressType::InternalIP, address: format!("192.0.2.{}", index % 250 + 1) },
+        Address { kind: AddressType::Hostname, address: format!("{id}.fake.machinist.internal") },
+    ];
+    let running = reconcile::Observed::Instance { id, state: State::Running, addresses: Some(addresses) };
+    let ready = reconcile::plan(&input(&after_create, running)).status;
+    if get_condition(&ready.conditions, ConditionType::Ready).is_none_or(|c| c.status != "True") {
+        bail!("the controller's decision would not make the Machine Ready");
+    }
+    Ok([created, ready])
+}
+
 /// How fast this client alone can make the writes a Machine needs to become Ready (its
-/// create, then one metadata patch and two status applies, as the controller makes them),
-/// with 64 Machines in flight and no controller: the ceiling to compare the controller's
-/// rate with, measured in the same run since it varies between runs.
+/// create, then one metadata patch and two status applies of the statuses the controller
+/// writes), with 64 Machines in flight and no controller: the ceiling to compare the
+/// controller's rate with, measured in the same run since it varies between runs.
 ///
 /// With `as_the_controller_run`, also what else the controller's run asks of the server:
 /// the two Events per Machine, the controller's watch of the Machines and the benchmark's
@@ -292,17 +350,14 @@ async fn write_ceiling(client: &Client, n: usize, as_the_controller_run: bool) -
             let (api, events, namespace) = (api.clone(), events.clone(), namespace.clone());
             async move {
                 let name = format!("c{i:05}");
-                let m: Machine = serde_yaml::from_str(&format!(
-                    "apiVersion: machinist.dev/v1alpha1\nkind: Machine\nmetadata: {{name: {name}}}\nspec: {{driver: {{fake: {{}}}}}}\n"
-                ))?;
-                api.create(&PostParams::default(), &m).await?;
+                let m = scale_machine(&name)?;
+                let created = api.create(&PostParams::default(), &m).await?;
                 let labelled = serde_json::json!({"metadata": {"labels": {"ceiling": "true"}}});
                 api.patch(&name, &PatchParams::default(), &Patch::Merge(&labelled)).await?;
                 let apply = PatchParams::apply("ceiling").force();
-                for phase in ["Creating", "Running"] {
+                for (status, phase) in controller_statuses(&created, i)?.into_iter().zip(["Creating", "Running"]) {
                     let status = serde_json::json!({
-                        "apiVersion": "machinist.dev/v1alpha1", "kind": "Machine",
-                        "status": {"phase": phase, "providerID": format!("fake-{i:012x}")}
+                        "apiVersion": "machinist.dev/v1alpha1", "kind": "Machine", "status": status
                     });
                     api.patch_status(&name, &apply, &Patch::Apply(&status)).await?;
                     if as_the_controller_run {
@@ -352,7 +407,10 @@ async fn run_once(
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}}))?;
     namespaces.create(&PostParams::default(), &ns).await?;
-    let state = tempfile::tempdir()?;
+    // The fake driver keeps its instances in files. A provider's are not on the
+    // controller's disk: on tmpfs they cost what a fast provider would, not a busy disk.
+    let shm = std::path::Path::new("/dev/shm");
+    let state = if shm.is_dir() { tempfile::tempdir_in(shm)? } else { tempfile::tempdir()? };
     let process =
         ControllerProcess::start(binary, kubeconfig, &namespace, &state.path().to_path_buf(), args.concurrency)?;
     process.wait_ready().await?;
@@ -378,15 +436,8 @@ async fn run_once(
     stream::iter(0..n)
         .map(|i| {
             let api = api.clone();
-            let yaml = format!(
-                "metadata: {{name: m{i:05}}}\nspec: {{driver: {{fake: {fake}}}, credentialsSecretRef: {{name: credentials}}}}\n"
-            );
-            async move {
-                let mut m: Machine =
-                    serde_yaml::from_str(&format!("apiVersion: machinist.dev/v1alpha1\nkind: Machine\n{yaml}"))?;
-                m.metadata.namespace = None;
-                api.create(&PostParams::default(), &m).await.map(|_| ()).map_err(anyhow::Error::from)
-            }
+            let m = scale_machine_with(&format!("m{i:05}"), &fake);
+            async move { api.create(&PostParams::default(), &m?).await.map(|_| ()).map_err(anyhow::Error::from) }
         })
         .buffer_unordered(64)
         .try_collect::<Vec<()>>()
