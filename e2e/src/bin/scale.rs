@@ -219,19 +219,21 @@ fn is_ready(m: &Machine) -> bool {
 
 /// Waits until `count` Machines in the namespace satisfy `done`; returns when.
 async fn wait_all(api: &Api<Machine>, count: usize, done: impl Fn(&Machine) -> bool) -> Result<Instant> {
-    let mut states: BTreeMap<String, bool> = BTreeMap::new();
+    // Kept as a count: this runs in the test server's process, once per watch event.
+    let (mut states, mut done_count): (BTreeMap<String, bool>, usize) = (BTreeMap::new(), 0);
     let mut stream = watcher(api.clone(), watcher::Config::default()).default_backoff().boxed();
     while let Some(event) = stream.try_next().await? {
-        match event {
-            watcher::Event::Apply(m) | watcher::Event::InitApply(m) => {
-                states.insert(m.name_any(), done(&m));
-            }
-            watcher::Event::Delete(m) => {
-                states.remove(&m.name_any());
-            }
-            _ => {}
-        }
-        if states.len() >= count && states.values().filter(|d| **d).count() >= count {
+        let (name, now) = match event {
+            watcher::Event::Apply(m) | watcher::Event::InitApply(m) => (m.name_any(), Some(done(&m))),
+            watcher::Event::Delete(m) => (m.name_any(), None),
+            _ => continue,
+        };
+        let before = match now {
+            Some(now) => states.insert(name, now),
+            None => states.remove(&name),
+        };
+        done_count = done_count + usize::from(now == Some(true)) - usize::from(before == Some(true));
+        if states.len() >= count && done_count >= count {
             return Ok(Instant::now());
         }
     }
